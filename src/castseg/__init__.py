@@ -1,0 +1,3 @@
+"""castseg: CAST semi-supervised distillation for instance segmentation."""
+
+__version__ = "0.1.0"

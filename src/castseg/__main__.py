@@ -1,0 +1,3 @@
+from castseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""``castseg`` command line: one verb per stage of the data flow.
+
+Each verb lives in :mod:`castseg.commands` as a module with ``add_parser(subparsers)`` (which
+sets ``func``). User-fixable problems raise :class:`castseg.errors.CastsegError` and are printed
+here as one line with exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from castseg import __version__
+from castseg.errors import CastsegError
+
+# Imported lazily so `castseg --help` stays fast and one verb's heavy imports never slow another.
+COMMANDS = ["convert", "split", "eval", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="castseg",
+        description="CAST: semi-supervised distillation of foundation-model teachers into compact "
+        "instance-segmentation students.",
+    )
+    parser.add_argument("--version", action="version", version=f"castseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"castseg.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CastsegError as e:
+        print(f"castseg {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"castseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data layer: convert → split → dataset. Everything in COCO instances format."""
