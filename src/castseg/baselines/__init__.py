@@ -1,0 +1,1 @@
+"""Reference predictors that need no training (sanity rows in reports)."""
