@@ -2,7 +2,8 @@
 
 Every command that reads a COCO json goes through :func:`load_coco`, so every malformed input
 gets the same one-line error naming the file and the record (see :mod:`castseg.errors`). File
-names resolve against ``images_root`` (default: the json's own directory) and may not escape it.
+names resolve against ``images_root`` (default: the json's top-level ``"images_root"`` key,
+relative to the json, else the json's own directory) and may not escape it.
 """
 
 from __future__ import annotations
@@ -118,7 +119,16 @@ def validate_coco(data: Any, path: str | Path, images_root: str | Path | None = 
             raise InputError(path, f"not a COCO instances file: missing top-level key '{key}'")
         if not isinstance(data[key], list):
             raise InputError(path, f"'{key}' must be a list")
-    root = Path(images_root) if images_root is not None else path.parent
+    if images_root is not None:
+        root = Path(images_root)
+    elif "images_root" in data:
+        # Written by `castseg split` (and any writer whose json lives away from the images):
+        # a folder relative to this json's folder, or absolute.
+        if not isinstance(data["images_root"], str) or not data["images_root"]:
+            raise InputError(path, "'images_root' must be a non-empty string (a folder path)")
+        root = path.parent / data["images_root"]
+    else:
+        root = path.parent
 
     images = []
     for i, img in enumerate(data["images"]):
@@ -182,7 +192,9 @@ def validate_coco(data: Any, path: str | Path, images_root: str | Path | None = 
         annotations.append(norm)
     _check_unique(annotations, "id", "annotation", path)
 
-    known = {"info", "images", "annotations", "categories"}
+    # "images_root" is not carried in `extra`: it is relative to *this* file's folder, so a writer
+    # saving elsewhere must set it anew (see images_root_entry).
+    known = {"info", "images", "annotations", "categories", "images_root"}
     extra = {k: v for k, v in data.items() if k not in known}
     info = data.get("info") if isinstance(data.get("info"), dict) else {}
     return CocoData(path, root, info, images, categories, annotations, extra)
@@ -192,13 +204,25 @@ def load_coco(path: str | Path, images_root: str | Path | None = None,
               require_annotations: bool = True) -> CocoData:
     """Read and validate a COCO instances json.
 
-    ``images_root`` defaults to the json's own directory. With ``require_annotations=False`` an
-    image-list json (an unlabeled split) is accepted. Raises :class:`InputError` on: invalid
-    JSON, non-COCO structure, missing keys, duplicate ids/file names, annotations pointing at
-    unknown images or categories, polygons with < 3 points, RLE of the wrong size, empty masks,
-    file names escaping ``images_root``.
+    ``images_root`` defaults to the json's top-level ``"images_root"`` key (relative to the
+    json's folder) if it has one, else to the json's own directory. With
+    ``require_annotations=False`` an image-list json (an unlabeled split) is accepted. Raises
+    :class:`InputError` on: invalid JSON, non-COCO structure, missing keys, duplicate ids/file
+    names, annotations pointing at unknown images or categories, polygons with < 3 points, RLE
+    of the wrong size, empty masks, file names escaping ``images_root``.
     """
     return validate_coco(read_json(path), path, images_root, require_annotations)
+
+
+def images_root_entry(images_root: str | Path, out_dir: str | Path) -> str:
+    """Value for a top-level ``"images_root"`` key in a json written to ``out_dir``: the path
+    of ``images_root`` relative to ``out_dir`` (absolute where no relative path exists, e.g.
+    another Windows drive), with ``/`` separators so the file is portable."""
+    root, out = Path(images_root).resolve(), Path(out_dir).resolve()
+    try:
+        return Path(os.path.relpath(root, out)).as_posix()
+    except ValueError:
+        return root.as_posix()
 
 
 def annotation_rle(ann: dict[str, Any], image: dict[str, Any]) -> dict[str, Any]:
