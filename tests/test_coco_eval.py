@@ -204,3 +204,30 @@ def test_accepts_coco_data_without_mutating_it(tmp_path):
     before = copy.deepcopy(coco.annotations)
     assert evaluate_coco(coco, perfect_preds(synthetic_gt()))["AP"] == pytest.approx(1.0)
     assert coco.annotations == before
+
+
+def test_max_dets_uncaps_recall_in_dense_images(tmp_path, capsys):
+    # 150 objects in one image (DSB2018 nuclei images hold up to 375): COCO's default 100
+    # detections cap recall; --max-dets lifts the cap.
+    h, w = 60, 250
+    anns = []
+    for k in range(150):
+        m = np.zeros((h, w), np.uint8)
+        y, x = (k // 25) * 10, (k % 25) * 10
+        m[y:y + 8, x:x + 8] = 1
+        rle = M.encode(m)
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": rle,
+                     "area": float(M.area(rle)), "bbox": M.bbox(rle), "iscrowd": 0})
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": h, "width": w}], "annotations": anns,
+          "categories": [{"id": 1, "name": "nucleus"}]}
+    preds = perfect_preds(gt)
+    capped = evaluate_coco(gt, preds, "segm")
+    assert capped["AR100"] == pytest.approx(100 / 150) and capped["AP"] < 0.7
+    full = evaluate_coco(gt, preds, "segm", max_dets=200)
+    assert full["AP"] == pytest.approx(1.0) and full["AR100"] == pytest.approx(1.0)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    code, out, err = run_cli(["eval", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json"),
+                              "--max-dets", "400", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["AP"] == pytest.approx(1.0)
