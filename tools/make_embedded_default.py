@@ -50,10 +50,11 @@ def main() -> None:
         out = DEST / "images" / f"{sid}.png"
         Image.open(args.stage1_train / sid / "images" / f"{sid}.png").convert("RGB").save(out, optimize=True)
         img["file_name"] = f"images/{sid}.png"
+    coco.pop("images_root", None)  # file names are now relative to the json's own folder
     coco["info"] = {
         "description": "DSB2018 stage1_train, colour (H&E histology) subset, embedded castseg default",
         "licence": "CC0 1.0 (public domain); see README.md",
-        "source_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "source_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
     }
     write_json(coco, DEST / "annotations.json")
     print(f"wrote {len(coco['images'])} images, {len(coco['annotations'])} annotations to {DEST}")
