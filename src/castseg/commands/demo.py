@@ -45,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labeled-fraction", type=float, default=0.1)
     p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--max-dets", type=int, default=300,
+                   help="detections per image that count in AP (default 300: these images hold up "
+                   "to 151 nuclei, COCO's 100 would cap recall)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few val images only")
     p.set_defaults(func=run)
     return p
@@ -88,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
     pred_path = out / "predictions" / "classical_val.json"
     write_results(records, pred_path)
 
-    _step(5, n, "evaluate: COCO mask AP on val")
+    _step(5, n, f"evaluate: COCO mask AP on val (up to {args.max_dets} detections per image)")
     gt = val.to_dict()
     if args.quick:
         keep = {img["id"] for img in images}
         gt["images"] = [i for i in gt["images"] if i["id"] in keep]
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-    stats = evaluate_coco(gt, records, "segm")
+    stats = evaluate_coco(gt, records, "segm", max_dets=args.max_dets)
     print(format_stats(stats))
     metrics = {"classical_baseline": {"AP": stats["AP"], "AP50": stats["AP50"], "predictions": str(pred_path)},
                "val_images": len(images), "seconds": round(time.perf_counter() - t0, 1)}
