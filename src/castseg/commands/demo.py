@@ -14,19 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-
-from castseg.baselines.classical import segment_nuclei
-from castseg.data.coco_io import load_coco, write_json
-from castseg.data.dataset import CocoInstanceDataset, collate_instances
-from castseg.data.images import read_image
-from castseg.data.split import make_split, write_split
-from castseg.data.transforms import WeakView
 from castseg.errors import CastsegError
-from castseg.eval.coco_eval import evaluate_coco, format_stats
-from castseg.eval.results import instances_to_results, write_results
 
 
 def embedded_default() -> Path:
@@ -58,6 +46,20 @@ def _step(i: int, n: int, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Heavy imports here, not at module level: every `castseg` verb imports this module.
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from castseg.baselines.classical import segment_nuclei
+    from castseg.data.coco_io import load_coco, write_json
+    from castseg.data.dataset import CocoInstanceDataset, collate_instances
+    from castseg.data.images import read_image
+    from castseg.data.split import make_split, write_split
+    from castseg.data.transforms import WeakView
+    from castseg.eval.coco_eval import evaluate_coco, format_stats
+    from castseg.eval.results import instances_to_results, write_results
+
     t0 = time.perf_counter()
     out = Path(args.out)
     ann = Path(args.data) if args.data else embedded_default()

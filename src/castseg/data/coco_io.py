@@ -49,14 +49,19 @@ def write_json(obj: Any, path: str | Path, indent: int | None = None) -> None:
 
 
 def resolve_in_root(root: str | Path, file_name: str, source: str = "") -> Path:
-    """``root / file_name``, refusing names that escape ``root`` (``../``, absolute paths)."""
-    root = Path(root).resolve()
+    """``root / file_name``, refusing names that escape ``root`` (``../``, absolute paths).
+
+    Containment is checked on the normalised path, not the symlink-resolved one: dataset
+    folders that are symlinks to other disks are common and legitimate; what we refuse is a
+    *name* that walks out of the root.
+    """
     if not isinstance(file_name, str) or not file_name:
         raise InputError(source, "file_name must be a non-empty string")
-    candidate = (root / file_name).resolve()
-    if os.path.isabs(file_name) or (candidate != root and root not in candidate.parents):
-        raise InputError(source, f"file_name {file_name!r} escapes the images root {str(root)!r}")
-    return candidate
+    root_abs = os.path.abspath(root)
+    candidate = os.path.normpath(os.path.join(root_abs, file_name))
+    if os.path.isabs(file_name) or os.path.commonpath([root_abs, candidate]) != root_abs:
+        raise InputError(source, f"file_name {file_name!r} escapes the images root {root_abs!r}")
+    return Path(candidate)
 
 
 def _is_int(v: Any) -> bool:

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 from faster_coco_eval.core import mask as _mask
 
+try:  # expands RLE counts to run lengths in C, without painting the mask
+    from faster_coco_eval.mask_api_new_cpp import toUncompressedRLE as _to_uncompressed
+except ImportError:  # pragma: no cover - other faster-coco-eval builds
+    _to_uncompressed = None
+
 from castseg.errors import InputError
 
 
@@ -39,6 +44,16 @@ def encode_batch(masks: np.ndarray) -> list[dict[str, Any]]:
 def _as_c_rle(rle: dict[str, Any]) -> dict[str, Any]:
     counts = rle["counts"]
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def _rle_pixel_count(rle: dict[str, Any]) -> int:
+    """Pixels covered by a compressed RLE's runs (-1 if a run is negative), without painting the
+    mask: validating a 29k-annotation file this way takes 0.2 s instead of ~40 s of decodes."""
+    if _to_uncompressed is None:  # pragma: no cover - faster-coco-eval without the C helper
+        m = decode(rle)
+        return int(m.shape[0] * m.shape[1])
+    runs = _to_uncompressed([_as_c_rle(rle)])[0]["counts"]
+    return sum(runs) if all(r >= 0 for r in runs) else -1
 
 
 def decode(rle: dict[str, Any]) -> np.ndarray:
@@ -93,11 +108,11 @@ def segmentation_to_rle(segm: Any, height: int, width: int, source: str = "") ->
         if isinstance(counts, (str, bytes)):
             out = {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
             try:
-                m = decode(out)
+                total = _rle_pixel_count(out)
             except Exception as e:  # the C decoder rejects malformed strings with assorted errors
                 raise InputError(source, f"RLE counts cannot be decoded ({e})") from None
-            if m.shape != (height, width):
-                raise InputError(source, f"RLE decodes to {list(m.shape)}, expected [{height}, {width}]")
+            if total != height * width:
+                raise InputError(source, f"RLE counts cover {total} pixels, expected {height}x{width} = {height * width}")
             return out
         raise InputError(source, "RLE 'counts' must be a string or a list of integers")
     raise InputError(source, f"segmentation must be a polygon list or an RLE dict, got {type(segm).__name__}")
