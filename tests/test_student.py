@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -141,20 +140,6 @@ def test_preset_parameter_counts(capsys):
     assert 1e6 < counts["tiny"] < 4e6
     assert 40e6 < counts["small"] < 60e6  # the paper: 52M
     assert counts["small"] < counts["base"] < counts["large"]
-
-
-def test_tiny_forward_time_256(capsys):
-    model = tiny().eval()
-    x = torch.rand(1, 3, 256, 256)
-    with torch.no_grad():
-        model(x)
-        t = time.perf_counter()
-        for _ in range(3):
-            model(x)
-    dt = (time.perf_counter() - t) / 3
-    with capsys.disabled():
-        print(f"\ntiny forward 1x3x256x256 on CPU ({torch.get_num_threads()} threads): {dt * 1000:.0f} ms")
-    assert dt < 5.0
 
 
 def test_pretrained_encoder_from_local_folder(tmp_path):
