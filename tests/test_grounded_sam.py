@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -130,9 +129,7 @@ def test_detector_scores_by_class_span(tokenizer_dir):
 def test_predict_contract(tokenizer_dir):
     teacher = make(tokenizer_dir, max_detections=7)
     teacher.train()
-    t = time.perf_counter()
     out = teacher.predict(images(2, 48, 72), CLASSES)
-    dt = time.perf_counter() - t
     assert teacher.training  # mode restored
     assert len(out) == 2
     for r in out:
@@ -142,7 +139,6 @@ def test_predict_contract(tokenizer_dir):
         assert r["scores"].dtype == torch.float32 and r["labels"].dtype == torch.int64
         assert r["labels"].min() >= 0 and r["labels"].max() < len(CLASSES)
         assert torch.all(r["scores"][:-1] >= r["scores"][1:])
-    assert dt < 5
 
 
 def test_high_threshold_gives_empty_and_stored_names_are_default(tokenizer_dir):
@@ -269,33 +265,10 @@ def test_factory_builds_random_tiny_teacher(tokenizer_dir):
     assert teacher.box_threshold == 0.3 and teacher.max_detections == 100  # the documented defaults
 
 
-def paper_configs():
-    """Architectures of the paper's teacher parts, from their public configs (no download)."""
-    def gdino(embed, heads):  # Swin-B / Swin-L at 384 px, BERT-base text encoder, 900 queries
-        return dict(backbone_config=dict(model_type="swin", embed_dim=embed, depths=[2, 2, 18, 2], num_heads=heads,
-                                         window_size=12, image_size=384, out_indices=[2, 3, 4]),
-                    text_config=dict(model_type="bert"))
-    hiera_l = dict(model_type="sam2_hiera_det_model", hidden_size=144, num_attention_heads=2,
-                   blocks_per_stage=[2, 6, 36, 4], embed_dim_per_stage=[144, 288, 576, 1152],
-                   num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 16, 8],
-                   global_attention_blocks=[23, 33, 43], window_positional_embedding_background_size=[7, 7])
-    sam2_l = dict(vision_config=dict(model_type="sam2_vision_model", backbone_config=hiera_l,
-                                     backbone_channel_list=[1152, 576, 288, 144]))
-    return gdino(128, [4, 8, 16, 32]), gdino(192, [6, 12, 24, 48]), sam2_l
+def test_paper_teacher_parameter_count():
+    from castseg.models.sizes import teacher_parameter_counts
 
-
-def test_paper_teacher_parameter_count(capsys):
-    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection, Sam2Config, Sam2Model
-
-    base, large, sam = paper_configs()
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        n = {name: sum(p.numel() for p in m.parameters()) for name, m in (
-            ("gdino-B", GroundingDinoForObjectDetection(GroundingDinoConfig(**base))),
-            ("gdino-L", GroundingDinoForObjectDetection(GroundingDinoConfig(**large))),
-            ("sam2.1-L", Sam2Model(Sam2Config(**sam))))}
-    with capsys.disabled():
-        print(f"\nteacher parameters: {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in n.items())}; "
-              f"gdino-L + sam2.1-L = {(n['gdino-L'] + n['sam2.1-L']) / 1e6:.1f}M (paper: 568M)")
-    assert 225e6 < n["gdino-B"] < 240e6            # grounding-dino-base: 233M
-    assert 210e6 < n["sam2.1-L"] < 225e6           # image-mode SAM2.1-L (no video memory modules)
-    assert abs(n["gdino-L"] + n["sam2.1-L"] - 568e6) / 568e6 < 0.03
+    n = teacher_parameter_counts()
+    assert 225e6 < n["grounding-dino-base"] < 240e6   # grounding-dino-base: 233M
+    assert 210e6 < n["sam2.1-hiera-large"] < 225e6    # image-mode SAM2.1-L (no video memory modules)
+    assert abs(n["grounding-dino-large"] + n["sam2.1-hiera-large"] - 568e6) / 568e6 < 0.03  # paper: 568M

@@ -15,7 +15,7 @@ from castseg import __version__
 from castseg.errors import CastsegError
 
 # Imported lazily so `castseg --help` stays fast and one verb's heavy imports never slow another.
-COMMANDS = ["convert", "split", "eval", "demo"]
+COMMANDS = ["convert", "split", "eval", "info", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
