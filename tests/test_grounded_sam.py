@@ -11,46 +11,17 @@ from castseg.errors import CastsegError
 from castseg.models.grounded_sam import (GroundedSAMTeacher, build_prompt, chunk_classes, normalize_class_name,
                                          phrase_token_map)
 from castseg.models.teacher import build_teacher
+from castseg.models.tiny_teacher import TINY_DETECTOR, TINY_SEGMENTER, save_tiny_tokenizer
 
 CLASSES = ["cat", "traffic light", "person"]
 WORDS = ["cat", "dog", "traffic", "light", "person", "car", "nucleus", "red", "blue"]
 
-# Grounding DINO hard-codes bert-base-uncased's delimiter ids ([CLS] 101, [SEP] 102, "." 1012,
-# "?" 1029; [PAD] 0), so the tiny vocab puts them there and fills the gaps.
-def tiny_vocab() -> dict[str, int]:
-    fixed = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 1012: ".", 1029: "?"}
-    words = iter(WORDS)
-    return {fixed.get(i) or next(words, None) or f"[unused{i}]": i for i in range(1030)}
-
-
-DETECTOR = dict(
-    backbone_config=dict(model_type="swin", embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                         image_size=64, out_features=["stage2", "stage3", "stage4"]),
-    text_config=dict(model_type="bert", vocab_size=1030, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64),
-    d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
-    decoder_attention_heads=2, num_queries=30, max_text_len=32, encoder_n_points=2, decoder_n_points=2,
-    dropout=0.0, fusion_droppath=0.0)
-SEGMENTER = dict(
-    vision_config=dict(model_type="sam2_vision_model", backbone_channel_list=[64, 32, 16, 8],
-                       backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=16,
-                       backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=8, image_size=[64, 64],
-                                            blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-                                            num_attention_heads_per_stage=[1, 1, 1, 1],
-                                            window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3],
-                                            window_positional_embedding_background_size=[2, 2])),
-    prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-    mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16),
-    initializer_range=0.2)
+DETECTOR, SEGMENTER = TINY_DETECTOR, TINY_SEGMENTER
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from transformers import BertTokenizer
-
-    path = tmp_path_factory.mktemp("tok")
-    BertTokenizer(vocab=tiny_vocab()).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_tokenizer(tmp_path_factory.mktemp("tok"), WORDS))
 
 
 def make(tokenizer_dir, seed=0, **kw):
