@@ -232,3 +232,17 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], desc: str, workers: i
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+
+
+def gather(load: Callable[[tuple[int, T]], tuple[dict[str, Any], list[dict[str, Any]]]], items: Sequence[T],
+           desc: str, workers: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``load((image_id, item))`` for every item (image ids 1..N in item order) and number the
+    annotations 1..M in the same order, so ids are stable whatever the thread scheduling."""
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for image, anns in parallel_map(load, list(enumerate(items, start=1)), desc, workers):
+        images.append(image)
+        for a in anns:
+            a["id"] = len(annotations) + 1
+            annotations.append(a)
+    return images, annotations

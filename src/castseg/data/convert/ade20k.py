@@ -25,9 +25,9 @@ from castseg.data.coco_io import read_json
 from castseg.data.convert._common import (
     check_same_size,
     coco_output,
+    gather,
     image_record,
     masks_to_annotations,
-    parallel_map,
     parse_split,
     read_raw_label,
     require_dir,
@@ -134,11 +134,5 @@ def convert(src: Path, split: str | None = None, verify_images: bool = True,
         image = image_record(ip, src, image_id, verify_images)
         return image, _instances(ap, image, cat_ids)
 
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image, anns in parallel_map(load, list(enumerate(pairs, start=1)), f"ade20k {split}", workers):
-        images.append(image)
-        for a in anns:
-            a["id"] = len(annotations) + 1
-            annotations.append(a)
+    images, annotations = gather(load, pairs, f"ade20k {split}", workers)
     return coco_output("ade20k", src, images, annotations, categories)

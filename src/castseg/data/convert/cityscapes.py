@@ -26,9 +26,9 @@ import numpy as np
 from castseg.data.convert._common import (
     check_same_size,
     coco_output,
+    gather,
     image_record,
     masks_to_annotations,
-    parallel_map,
     parse_split,
     read_raw_label,
     require_dir,
@@ -99,13 +99,7 @@ def convert(src: Path, split: str | None = None, verify_images: bool = True,
         image = image_record(ip, src, image_id, verify_images)
         return image, _instances(lp, image, thing_ids)
 
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image, anns in parallel_map(load, list(enumerate(pairs, start=1)), f"cityscapes {split}", workers):
-        images.append(image)
-        for a in anns:
-            a["id"] = len(annotations) + 1
-            annotations.append(a)
+    images, annotations = gather(load, pairs, f"cityscapes {split}", workers)
     return coco_output("cityscapes", src, images, annotations, categories,
                        info={"description": f"Cityscapes gtFine {split}, 8 thing classes (category id = "
                                             f"Cityscapes label id), converted by castseg convert"})

@@ -21,9 +21,9 @@ import numpy as np
 from castseg.data.convert._common import (
     check_same_size,
     coco_output,
+    gather,
     image_record,
     masks_to_annotations,
-    parallel_map,
     read_raw_label,
     require_dir,
     sorted_by_rel,
@@ -112,14 +112,7 @@ def convert(src: Path, class_name: str = "nucleus", verify_images: bool = True,
                                     [1] * len(mask_paths), sources=[str(p) for p in mask_paths])
         return image, anns
 
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    jobs = list(enumerate(samples, start=1))
-    for image, anns in parallel_map(load, jobs, "mask-folders", workers):
-        images.append(image)
-        for a in anns:
-            a["id"] = len(annotations) + 1
-            annotations.append(a)
+    images, annotations = gather(load, samples, "mask-folders", workers)
     categories = [{"id": 1, "name": class_name.strip(), "supercategory": ""}]
     return coco_output("mask-folders", src, images, annotations, categories)
 

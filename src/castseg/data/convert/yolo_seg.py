@@ -21,7 +21,13 @@ from typing import Any
 import yaml
 
 from castseg.data import masks as M
-from castseg.data.convert._common import coco_output, image_record, parallel_map, require_dir, sorted_by_rel
+from castseg.data.convert._common import (
+    coco_output,
+    gather,
+    image_record,
+    require_dir,
+    sorted_by_rel,
+)
 from castseg.data.images import is_image_file
 from castseg.errors import InputError
 
@@ -146,12 +152,6 @@ def convert(src: Path, names: Path | None = None, split: str | None = None, veri
         label = label_of[path]
         return image, (_parse_labels(label, image, class_names) if label.is_file() else [])
 
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    for image, anns in parallel_map(load, list(enumerate(image_paths, start=1)), "yolo-seg", workers):
-        images.append(image)
-        for a in anns:
-            a["id"] = len(annotations) + 1
-            annotations.append(a)
+    images, annotations = gather(load, image_paths, "yolo-seg", workers)
     categories = [{"id": k + 1, "name": v, "supercategory": ""} for k, v in class_names.items()]
     return coco_output("yolo-seg", src, images, annotations, categories)
