@@ -15,7 +15,8 @@ from castseg import __version__
 from castseg.errors import CastsegError
 
 # Imported lazily so `castseg --help` stays fast and one verb's heavy imports never slow another.
-COMMANDS = ["convert", "split", "eval", "info", "demo"]
+# Module names under castseg.commands; each module's add_parser names its verb (pseudo_label → pseudo-label).
+COMMANDS = ["convert", "split", "eval", "predict", "pseudo_label", "export", "bench", "info", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

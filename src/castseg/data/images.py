@@ -82,7 +82,8 @@ def read_image(path: str | Path) -> np.ndarray:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.ndim != 3 or arr.shape[2] != 3:
         raise InputError(path, f"unsupported image layout with shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    # A writable copy: PIL-backed arrays are read-only, and torch.from_numpy warns on those.
+    return np.array(arr, order="C")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
