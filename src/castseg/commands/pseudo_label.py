@@ -1,0 +1,63 @@
+"""``castseg pseudo-label``: run a frozen teacher over an unlabeled set once and cache the result.
+
+Writes ``OUT`` (COCO results: RLE masks, scores, category ids) and ``OUT.manifest.json``; score
+thresholds are applied when the cache is read, so it is made once per teacher. Resumable (rerun
+the same command after a kill) and sharded under ``torchrun --nproc_per_node N -m castseg.cli
+pseudo-label ...``. See :mod:`castseg.pseudo_labels`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("pseudo-label", help="cache a frozen teacher's instances on unlabeled images",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True,
+                   help="castseg checkpoint (folder / model.json), teacher folder (teacher.json) or teacher config "
+                   "(.yaml/.json with 'type', optionally under 'teacher:')")
+    p.add_argument("--images", required=True, help="unlabeled images: COCO json (its 'images') or a folder")
+    p.add_argument("--images-root", default=None, help="for a COCO json: folder its file names are relative to")
+    p.add_argument("--out", required=True, help="pseudo-label cache to write, e.g. pseudo.json")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (under torchrun: cuda → cuda:LOCAL_RANK)")
+    p.add_argument("--min-score", type=float, default=0.05,
+                   help="keep instances scoring at least this (a floor that bounds the file size; the training "
+                   "threshold is applied when reading; default 0.05)")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="images per part file: the unit of progress saved and of resuming (default 64)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="resize so the longest side is at most this for the teacher (masks are saved at full size)")
+    p.add_argument("--workers", type=int, default=0, help="threads decoding images ahead of the teacher")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing cache or unfinished pass made with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from castseg.errors import InputError
+    from castseg.pseudo_labels import dist_info, generate_pseudo_labels, load_teacher
+
+    if not Path(args.images).exists():  # before loading a possibly large teacher
+        raise InputError(args.images, "not found (expected a COCO json or a folder of images)")
+
+    # Initialise the process group first: under torchrun each rank picks its own GPU.
+    rank, world = dist_info()
+    device = args.device
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    teacher, info = load_teacher(args.teacher, device=device)
+    manifest = generate_pseudo_labels(
+        teacher, args.images, args.out, teacher_info=info, images_root=args.images_root,
+        batch_size=args.batch_size, min_score=args.min_score, chunk_size=args.chunk_size, max_size=args.max_size,
+        overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.workers)
+    if rank == 0:
+        print(f"pseudo-labelled {manifest['num_images']} images: {manifest['num_instances']} instances with score "
+              f">= {manifest['min_score']} -> {args.out}" + (f" ({world} processes)" if world > 1 else ""))
+    return 0

@@ -1,0 +1,101 @@
+"""Teacher specs for pseudo-labelling: a path → a frozen teacher plus a fingerprint that says
+whether a cache was made by the same weights and options (see :mod:`castseg.pseudo_labels`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from castseg.data.coco_io import read_json
+from castseg.data.split import sha256_file
+from castseg.errors import CastsegError, InputError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+# Options that may name a local model folder instead of a hub id (GroundedSAMTeacher's).
+LOCAL_MODEL_KEYS = ("detector", "segmenter", "tokenizer")
+
+
+def _walk_config(cfg: Any, base: Path, source: Path, found: list[Path]) -> tuple[Any, Any]:
+    """(config with local paths resolved against ``base``, config without them), collecting the
+    paths in ``found`` (their weights get hashed). Paths are left out of the fingerprint: moving
+    a teacher folder must not invalidate its cache. Hub ids stay as they are (identified by name)."""
+    if isinstance(cfg, list):
+        pairs = [_walk_config(v, base, source, found) for v in cfg]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+    if not isinstance(cfg, dict):
+        return cfg, cfg
+    resolved, stripped = {}, {}
+    for k, v in cfg.items():
+        local = (Path(v) if Path(v).is_absolute() else base / v) if isinstance(v, str) else None
+        if k == "path" and local is not None and not local.exists():
+            raise InputError(source, f"teacher path {v!r} not found (resolved to {local})")
+        if local is not None and (k == "path" or (k in LOCAL_MODEL_KEYS and local.exists())):
+            found.append(local)
+            resolved[k] = str(local)
+        else:
+            resolved[k], stripped[k] = _walk_config(v, base, source, found)
+    return resolved, stripped
+
+
+def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
+    ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
+    ``.json``: a :func:`~castseg.models.teacher.build_teacher` mapping, optionally under a
+    ``teacher:`` key; relative ``path`` values are relative to the config's folder).
+
+    Returns ``(teacher, info)`` with ``info = {"spec", "config", "weights": {file: sha256},
+    "sha256"}``; ``sha256`` fingerprints the weights and the path-free config together.
+    """
+    import yaml
+
+    from castseg.models.checkpoint import read_checkpoint_meta
+    from castseg.models.teacher import build_teacher
+
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(path, "teacher not found (expected a castseg checkpoint, a teacher folder with "
+                         "teacher.json, or a teacher config .yaml/.json)")
+    found: list[Path] = []
+    weights: dict[str, str] = {}
+    is_config = path.suffix.lower() in (".yaml", ".yml")
+    if path.suffix.lower() == ".json" and path.is_file():
+        head = read_json(path)
+        is_config = not (isinstance(head, dict) and head.get("format") == "castseg-checkpoint")
+    if path.is_dir() and (path / "teacher.json").is_file():
+        cfg = {"type": "grounded_sam", "path": str(path)}
+        config = {"type": "grounded_sam", **read_json(path / "teacher.json")}
+        found.append(path)
+    elif is_config:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise InputError(path, f"not a readable teacher config ({str(e).splitlines()[0]})") from None
+        raw = raw.get("teacher", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise InputError(path, "a teacher config needs a mapping with 'type' (optionally under 'teacher:')")
+        cfg, config = _walk_config(raw, path.parent, path, found)
+    else:
+        meta, wfile, _ = read_checkpoint_meta(path)
+        cfg = {"type": "checkpoint", "path": str(path)}
+        config = {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]}
+        # load_checkpoint verifies this hash against the file, so it need not be recomputed.
+        weights[wfile.name] = meta["weights"]["sha256"]
+    for ref in found:
+        files = [ref] if ref.is_file() else sorted(p for p in ref.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+        for f in files:
+            weights[f.relative_to(ref.parent).as_posix()] = sha256_file(f)
+    if cfg["type"] == "checkpoint":
+        cfg = {**cfg, "device": device}
+    try:
+        teacher = build_teacher(cfg)
+    except InputError:
+        raise
+    except CastsegError as e:
+        raise InputError(path, str(e)) from None
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    blob = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
+    info = {"spec": str(path), "config": config, "weights": weights,
+            "sha256": hashlib.sha256(blob.encode()).hexdigest()}
+    return teacher, info
