@@ -1,0 +1,299 @@
+"""Training engine: kill/resume determinism, atomic checkpoints, skip when complete, schedules,
+accumulation, clipping, logs, streams, and DDP under torchrun (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from castseg.config import TrainConfig
+from castseg.engine import BatchStream, Trainer, TrainingDiverged, lr_factor
+from castseg.engine.checkpointing import STATE_JSON, STATE_TENSORS, find_checkpoint
+from castseg.engine.logs import progress_enabled
+from castseg.errors import CastsegError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _engine_task as task  # noqa: E402
+
+TASK = Path(__file__).parent / "_engine_task.py"
+ENV = {**os.environ, "CASTSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # Subprocess runs use one thread; same here, so in-process and subprocess float sums agree.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("CASTSEG_NO_PROGRESS", "1")
+    yield
+    torch.set_num_threads(n)
+
+
+def csv_rows(run_dir: Path) -> list[list[str]]:
+    lines = (run_dir / "log.csv").read_text().splitlines()
+    return [ln.split(",")[:-2] for ln in lines]  # without the timing columns
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, capsys):
+    a = task.make_trainer(tmp_path / "A", 30)
+    result_a = a.fit()
+    # B: same run in a subprocess, SIGKILLed once a checkpoint at step >= 10 exists.
+    proc = subprocess.Popen([sys.executable, str(TASK), str(tmp_path / "B"), "30", "--sleep", "0.06"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "B" / "checkpoints" / "last" / STATE_JSON
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            try:
+                if json.loads(state.read_text())["step"] >= 10:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, "the training subprocess ended before it could be killed"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    ckpt = find_checkpoint(tmp_path / "B" / "checkpoints" / "last")
+    assert ckpt is not None and not ckpt.complete and 10 <= ckpt.step < 30
+    b = task.make_trainer(tmp_path / "B", 30)
+    result_b = b.fit()
+    assert f"resumed from step {ckpt.step}" in capsys.readouterr().err
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert result_b["val"] == result_a["val"] and result_b["best_val"] == result_a["best_val"]
+    assert csv_rows(tmp_path / "B") == csv_rows(tmp_path / "A")  # rows past the checkpoint were dropped
+    assert (tmp_path / "B" / "val_metrics.jsonl").read_text() == (tmp_path / "A" / "val_metrics.jsonl").read_text()
+
+
+def test_half_written_or_corrupt_checkpoints_are_ignored(tmp_path):
+    ref = task.make_trainer(tmp_path / "ref", 10)
+    ref.fit()
+    run = tmp_path / "run"
+    with pytest.raises(ZeroDivisionError):
+        _crashing(run, at=7).fit()
+    ckpts = run / "checkpoints"
+    assert find_checkpoint(ckpts / "last").step == 5
+    # A kill mid-swap: "last" already renamed to "last.old", the new one still a temp dir.
+    os.replace(ckpts / "last", ckpts / "last.old")
+    (ckpts / ".tmp-last-killed").mkdir()
+    (ckpts / ".tmp-last-killed" / "model.safetensors").write_bytes(b"half a file")
+    # ... and a newer "last" whose tensors were truncated.
+    shutil.copytree(ckpts / "last.old", ckpts / "last")
+    state = json.loads((ckpts / "last" / STATE_JSON).read_text())
+    state["step"] = 9
+    (ckpts / "last" / STATE_JSON).write_text(json.dumps(state))
+    data = (ckpts / "last" / STATE_TENSORS).read_bytes()
+    (ckpts / "last" / STATE_TENSORS).write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="ignoring checkpoint .*sha256"):
+        assert find_checkpoint(ckpts / "last").step == 5
+    t = task.make_trainer(run, 10)
+    with pytest.warns(UserWarning, match="ignoring checkpoint"):
+        t.fit()
+    for va, vb in zip(ref.model.state_dict().values(), t.model.state_dict().values()):
+        assert torch.equal(va, vb)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"]  # temp dir and old copy cleaned up
+
+
+def _crashing(run_dir, at):
+    t = task.make_trainer(run_dir, 10)
+    inner = t.loss_fn
+
+    def loss_fn(model, batches, step):
+        if step == at:
+            raise ZeroDivisionError("simulated crash")
+        return inner(model, batches, step)
+
+    t.loss_fn = loss_fn
+    return t
+
+
+def test_complete_stage_is_skipped_and_changed_settings_refused(tmp_path):
+    t = task.make_trainer(tmp_path, 6, ckpt_every=0)
+    result = t.fit()
+    assert find_checkpoint(tmp_path / "checkpoints" / "last").complete
+    calls = []
+    again = task.make_trainer(tmp_path, 6, ckpt_every=0)
+    inner = again.loss_fn
+    again.loss_fn = lambda m, b, s: calls.append(s) or inner(m, b, s)
+    assert again.fit() == result and calls == []
+    for va, vb in zip(t.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(va, vb)  # the finished weights are loaded into the skipped trainer's model
+    with pytest.raises(CastsegError, match="max_steps 6 -> 8"):
+        task.make_trainer(tmp_path, 8).fit()
+    again.fit(resume=False)
+    assert calls == list(range(6))
+
+
+def test_schedules_and_warmup():
+    poly = TrainConfig(max_steps=100, schedule="poly", poly_power=0.9)
+    assert lr_factor(0, poly) == 1.0 and lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
+    cos = TrainConfig(max_steps=100, schedule="cosine")
+    assert lr_factor(50, cos) == pytest.approx(0.5) and lr_factor(100, cos) == pytest.approx(0.0)
+    warm = TrainConfig(max_steps=100, schedule="constant", warmup_steps=10)
+    assert [lr_factor(s, warm) for s in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    both = TrainConfig(max_steps=100, schedule="poly", warmup_steps=10, lr=1e-3, backbone_lr_mult=0.1)
+    model = nn.ModuleDict({"encoder": nn.Linear(2, 2), "head": nn.Linear(2, 2)})
+    from castseg.engine import build_optimizer, build_scheduler
+    opt = build_optimizer(model, both)
+    sched = build_scheduler(opt, both)
+    seen = []
+    for _ in range(20):
+        seen.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    assert seen[4]["head"] == pytest.approx(1e-3 * 0.5 * (1 - 4 / 100) ** 0.9)
+    assert seen[15]["encoder"] == pytest.approx(1e-4 * (1 - 15 / 100) ** 0.9)
+    assert seen[15]["encoder_no_decay"] == pytest.approx(seen[15]["encoder"])
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(task.DIM, 1)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _linear_run(tmp_path, name, batch_size, accumulate, grad_clip=0.0):
+    cfg = TrainConfig(max_steps=6, batch_size=batch_size, accumulate=accumulate, lr=0.05, grad_clip=grad_clip,
+                      ckpt_every=0, log_every=1, device="cpu", schedule="constant")
+    loaders = {"labeled": BatchStream(task.NoisyRegression(24, seed=1), batch_size)}
+
+    def loss_fn(model, batches, step):
+        x, y = batches["labeled"]
+        return {"loss": nn.functional.mse_loss(model(x), y)}
+
+    t = Trainer(Linear(), loss_fn, loaders, cfg, tmp_path / name)
+    return t
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tmp_path):
+    big = _linear_run(tmp_path, "big", 4, 1)
+    big.fit()
+    acc = _linear_run(tmp_path, "acc", 2, 2)
+    acc.fit()
+    for va, vb in zip(big.model.state_dict().values(), acc.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)
+    one = _linear_run(tmp_path, "one", 2, 1)
+    one.fit()
+    assert not torch.allclose(one.model.lin.weight, big.model.lin.weight, atol=1e-4)
+
+
+def test_gradient_clipping_is_applied_and_logged(tmp_path):
+    t = _linear_run(tmp_path, "clip", 4, 1, grad_clip=0.01)
+    norms = []
+    t.optimizer.register_step_pre_hook(
+        lambda opt, *_: norms.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for g in opt.param_groups
+                                                   for p in g["params"] if p.grad is not None))))
+    t.fit()
+    assert len(norms) == 6 and max(norms) <= 0.01 * (1 + 1e-4)
+    header, *rows = (tmp_path / "clip" / "log.csv").read_text().splitlines()
+    col = header.split(",").index("grad_norm")
+    assert all(float(r.split(",")[col]) > 0.01 for r in rows)  # the logged norm is before clipping
+
+
+def test_logs_tensorboard_and_val_files(tmp_path, capsys):
+    task.make_trainer(tmp_path, 20).fit()
+    header, *rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert header.split(",") == ["step", "lr", "loss", "loss_reg", "loss_sup", "grad_norm", "sec_per_step", "time"]
+    assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    lines = [json.loads(ln) for ln in (tmp_path / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20]
+    summary = json.loads((tmp_path / "val_metrics.json").read_text())
+    assert summary["last"]["step"] == 20 and summary["best"]["mse"] == min(r["mse"] for r in lines)
+    err = capsys.readouterr().err
+    assert "[toy] step 5/20 loss" in err and "eta" in err and "val @ step 10" in err
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    class Tty:
+        def isatty(self):
+            return True
+    monkeypatch.delenv("CASTSEG_NO_PROGRESS")
+    assert progress_enabled(Tty()) and not progress_enabled(sys.stderr if not sys.stderr.isatty() else object())
+    monkeypatch.setenv("CASTSEG_NO_PROGRESS", "1")
+    assert not progress_enabled(Tty())
+
+
+def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path):
+    task.make_trainer(tmp_path / "bf16", 3, amp="bf16", ckpt_every=0).fit()
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        t = task.make_trainer(tmp_path / "fp16", 2, amp="fp16", ckpt_every=0)
+    assert t.precision.scaler is None
+
+
+def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
+    t = task.make_trainer(tmp_path, 10, val_every=0)
+    inner = t.loss_fn
+    t.loss_fn = lambda m, b, s: inner(m, b, s) if s < 7 else {"loss": m(b["labeled"][0]).sum() * float("nan")}
+    with pytest.raises(TrainingDiverged, match="loss and grad_norm became nan at step 7"):
+        t.fit()
+    assert find_checkpoint(tmp_path / "checkpoints" / "last").step == 5
+
+
+def test_streams_resume_position_and_seed_augmentations_per_sample():
+    ds = task.NoisyRegression(10, seed=3)  # noise drawn inside __getitem__
+    full = BatchStream(ds, 4).bind("s", seed=1)
+    batches = [next(full) for _ in range(7)]  # crosses epoch boundaries (3 batches per epoch)
+    assert full.state_dict() == {"epoch": 2, "consumed": 1}
+    part = BatchStream(ds, 4).bind("s", seed=1)
+    for _ in range(4):
+        next(part)
+    resumed = BatchStream(ds, 4, num_workers=1).bind("s", seed=1)  # workers: same augmentations
+    resumed.load_state_dict(part.state_dict())
+    for want in batches[4:]:
+        got = next(resumed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # A plain shuffled DataLoader becomes the same seeded stream.
+    with pytest.warns(UserWarning, match="full batches"):  # 10 items, batches of 4
+        converted = BatchStream.from_dataloader(DataLoader(ds, batch_size=4, shuffle=True)).bind("s", seed=1)
+    assert all(torch.equal(next(converted)[0], want[0]) for want in batches[:3])
+    # Fewer items than a batch: batches are still full.
+    tiny = BatchStream(task.NoisyRegression(3), 4).bind("t", seed=0)
+    assert next(tiny)[0].shape == (4, task.DIM)
+    # The caller's RNG is not consumed by loading.
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(BatchStream(ds, 2).bind("u", seed=0))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    out = tmp_path / "hash"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(TASK), str(tmp_path / "run"), "20", "--grad-sync", "ddp,allreduce", "--out", str(out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [out.with_name(f"hash.rank{r}").read_text().split("\n")[:2] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    # Both gradient-sync modes average the same gradients: bit-identical too.
+    assert ranks[0][0].split()[1:] == ranks[0][1].split()[1:]
+    # Only rank 0 wrote: one checkpoint and one log per run.
+    for mode in ("ddp", "allreduce"):
+        run = tmp_path / "run" / mode
+        assert find_checkpoint(run / "checkpoints" / "last").complete
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "log.csv", "tensorboard",
+                                                         "val_metrics.json", "val_metrics.jsonl"]
