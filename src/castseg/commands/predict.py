@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
             keep = r["scores"].cpu() >= args.score_threshold
             masks, scores, labels = masks[keep][: args.max_instances], r["scores"].cpu()[keep][: args.max_instances], \
                 r["labels"].cpu()[keep][: args.max_instances]
-            if masks.shape[-2:] != (h, w):
+            if len(masks) == 0:  # interpolate rejects empty channel dims
+                masks = torch.zeros((0, h, w), dtype=torch.bool)
+            elif masks.shape[-2:] != (h, w):
                 masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0] > 0.5
             categories = np.asarray(cat_ids, dtype=np.int64)[labels.numpy()] if len(labels) else np.zeros(0, np.int64)
             records += instances_to_results(image_id, masks, scores, categories)

@@ -135,7 +135,9 @@ def _predict_chunk(teacher: Any, batches: Any, names: list[str], cat_of: np.ndar
             masks, scores, labels = r["masks"].cpu()[keep], r["scores"].cpu()[keep], r["labels"].cpu()[keep]
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
                 raise CastsegError(f"the teacher returned labels outside [0, {len(names)}) for {sm['file_name']}")
-            if tuple(masks.shape[-2:]) != (h0, w0):
+            if len(masks) == 0:  # interpolate rejects empty channel dims
+                masks = torch.zeros((0, h0, w0), dtype=torch.bool)
+            elif tuple(masks.shape[-2:]) != (h0, w0):
                 masks = F.interpolate(masks[None].float(), size=(h0, w0), mode="nearest")[0] > 0.5
             records += instances_to_results(sm["image_id"], masks, scores, cat_of[labels.numpy()])
         bar.update(len(batch))

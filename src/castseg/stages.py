@@ -1,0 +1,199 @@
+"""CAST's three stages on one engine: adapt → distill → refine, plus the supervised baseline.
+
+Every stage is a call of :func:`train_stage` (one :class:`~castseg.engine.Trainer`, one
+:class:`~castseg.objective.CastObjective` with the stage's λs); nothing reaches back. Layout of
+``run_dir``: ``adapt/a``, ``adapt/c``, ``distill``, ``refine``, ``supervised`` (each a Trainer
+folder), ``pseudo_labels/``, ``metrics.json``, ``report.md`` / ``report.html``.
+
+Teachers here are student-architecture models (a castseg checkpoint, e.g. the ``large``
+preset or a pretrained stand-in): stage 1 trains them on the same J as the student, as in the
+paper. A Grounding DINO + SAM2 teacher is evaluated zero-shot and used for pseudo-labels as is.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from castseg.config import DataConfig, EvalConfig, train_config
+from castseg.data.coco_io import write_json
+from castseg.data.dataset import CocoInstanceDataset, collate_instances
+from castseg.data.transforms import WeakView
+from castseg.engine import BatchStream, Trainer
+from castseg.errors import CastsegError
+from castseg.evaluate import make_evaluator
+from castseg.losses import HungarianMatcher, SetLoss
+from castseg.losses.pixel_contrastive import PixelContrastiveLoss
+from castseg.models import StudentConfig, build_student, load_checkpoint
+from castseg.objective import CastObjective
+from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher
+
+# loss: section keys and their defaults (METHOD.md)
+LOSS_DEFAULTS: dict[str, Any] = {
+    "lambda_semi": 1.0, "lambda_pxl": 0.1, "temperature": 0.1, "num_negatives": 200, "sampler": "fused",
+    "max_anchors": 1024, "num_points": 12544, "score_threshold": 0.3, "weight_by_score": False,
+}
+
+
+def loss_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    opts = {**LOSS_DEFAULTS, **(cfg.get("loss") or {})}
+    unknown = set(opts) - set(LOSS_DEFAULTS)
+    if unknown:
+        raise CastsegError(f"config loss: unknown key(s) {sorted(unknown)}; valid: {sorted(LOSS_DEFAULTS)}")
+    return opts
+
+
+def build_objective(num_classes: int, loss: dict[str, Any], lambda_semi: float, lambda_pxl: float) -> CastObjective:
+    n = int(loss["num_points"])
+    pixel = PixelContrastiveLoss(temperature=loss["temperature"], num_negatives=loss["num_negatives"],
+                                 sampler=loss["sampler"], max_anchors=loss["max_anchors"]) if lambda_pxl > 0 else None
+    return CastObjective(SetLoss(num_classes, HungarianMatcher(num_points=n), num_points=n), pixel,
+                         lambda_semi=lambda_semi, lambda_pxl=lambda_pxl)
+
+
+def _stream(dataset, batch_size: int, data: DataConfig, workers: int) -> BatchStream:
+    return BatchStream(dataset, batch_size, collate_fn=functools.partial(collate_instances,
+                                                                         size_divisibility=data.size_divisibility),
+                       num_workers=workers)
+
+
+def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir: Path, class_names: list[str],
+                lambda_semi: float, lambda_pxl: float, pseudo_labels: Path | None = None,
+                stage_train: dict | None = None, resume: bool = True) -> dict[str, Any]:
+    """Train ``model`` in place on J(D_l, D_u; λ_semi, λ_pxl) and return the Trainer's result
+    (``val`` holds the final val metrics, ``checkpoint`` the model checkpoint folder)."""
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
+    tc = train_config(cfg, stage_train, source=f"config ({name})")
+    loss = loss_options(cfg)
+    weak = WeakView(crop_size=data.crop_size, scale_range=data.scale_range, hflip=data.hflip, vflip=data.vflip)
+    strong = lambda_pxl > 0 and data.strong_view
+    streams = {"labeled": _stream(CocoInstanceDataset(data.labeled, data.images_root, transform=weak,
+                                                      strong_view=strong), tc.batch_size, data, tc.num_workers)}
+    if lambda_semi > 0:
+        if pseudo_labels is None:
+            raise CastsegError(f"stage {name}: λ_semi > 0 needs pseudo-labels of the unlabeled set")
+        ds = PseudoLabeledDataset(data.unlabeled, pseudo_labels, score_threshold=loss["score_threshold"],
+                                  transform=weak, strong_view=strong, weight_by_score=loss["weight_by_score"],
+                                  images_root=data.images_root)
+        streams["unlabeled"] = _stream(ds, data.unlabeled_batch_size or tc.batch_size, data, tc.num_workers)
+    objective = build_objective(len(class_names), loss, lambda_semi, lambda_pxl)
+
+    def loss_fn(m, batches, step):
+        return objective(m, batches.get("labeled"), batches.get("unlabeled"), step=step)
+
+    evaluate = make_evaluator(data.val, max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk,
+                              max_size=ev.max_size or data.val_max_size, images_root=data.images_root) \
+        if data.val else None
+    trainer = Trainer(model, loss_fn, streams, tc, run_dir / name, evaluate_fn=evaluate, name=name,
+                      class_names=class_names, run_config=cfg)
+    return trainer.fit(resume=resume)
+
+
+def _row(result: dict[str, Any]) -> dict[str, Any]:
+    val = result.get("val") or {}
+    ckpt = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    return {"AP": val.get("AP"), "AP50": val.get("AP50"), "checkpoint": str(ckpt) if ckpt else None}
+
+
+def initial_student(cfg: dict[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(train_config(cfg).seed)  # the same θ_s⁰ for the CAST student and the baseline
+    return build_student(StudentConfig.from_dict(cfg["model"], "config model"))
+
+
+def initial_teacher(cfg: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:
+    """θ_T⁰: the pretrained teacher (a castseg checkpoint) — loaded afresh on every call, which
+    is how stage 1c re-initialises."""
+    t = cfg.get("teacher") or {}
+    if t.get("type", "checkpoint") != "checkpoint" or not t.get("path"):
+        raise CastsegError("config teacher: stage 1 adapts a student-architecture teacher; set teacher.type: "
+                           "checkpoint and teacher.path to its castseg checkpoint")
+    model, meta = load_checkpoint(t["path"])
+    return model.train(), list(meta["class_names"])
+
+
+def pseudo_label(checkpoint: str | Path, cfg: dict[str, Any], out: Path) -> Path:
+    """Run a frozen teacher once over D_u into a cached COCO results file (resumable)."""
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    teacher, info = load_teacher(checkpoint)
+    generate_pseudo_labels(teacher, data.unlabeled, out, teacher_info=info, images_root=data.images_root,
+                           max_size=(cfg.get("pseudo_labels") or {}).get("max_size"))
+    return out
+
+
+def evaluate_checkpoint(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
+    model, _ = load_checkpoint(path)
+    stats = make_evaluator(data.val, max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk,
+                           max_size=ev.max_size or data.val_max_size, images_root=data.images_root)(model)
+    return {"AP": stats["AP"], "AP50": stats["AP50"], "checkpoint": str(path)}
+
+
+def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resume: bool = True) -> Path:
+    """Stage 1: (a) θ_T' on D_l with λ_pxl; (b) pseudo-label D_u with θ_T'; (c) θ_T'' from θ_T⁰
+    on D_l + pseudo-labelled D_u. Returns θ_T'''s checkpoint."""
+    loss = loss_options(cfg)
+    stage = cfg.get("adapt") or {}
+    metrics["teacher_zero_shot"] = evaluate_checkpoint(cfg["teacher"]["path"], cfg)
+    model, names = initial_teacher(cfg)
+    a = train_stage("adapt/a", model, cfg, run_dir, names, 0.0, loss["lambda_pxl"], stage_train=stage.get("train"),
+                    resume=resume)
+    metrics["teacher_adapted_a"] = _row(a)
+    pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json")
+    model, names = initial_teacher(cfg)  # re-initialised from θ_T⁰, not from θ_T'
+    c = train_stage("adapt/c", model, cfg, run_dir, names, 1.0, loss["lambda_pxl"], pseudo_labels=pl,
+                    stage_train=stage.get("train"), resume=resume)
+    metrics["teacher_adapted"] = _row(c)
+    return Path(c["checkpoint"])
+
+
+def run_distill(cfg: dict[str, Any], run_dir: Path, teacher_ckpt: str | Path, metrics: dict[str, Any],
+                resume: bool = True) -> torch.nn.Module:
+    """Stage 2: frozen θ_T'' pseudo-labels D_u once; the student trains on J(λ_semi, λ_pxl)."""
+    loss = loss_options(cfg)
+    pl = pseudo_label(teacher_ckpt, cfg, run_dir / "pseudo_labels" / "teacher.json")
+    student = initial_student(cfg)
+    names = _class_names(cfg)
+    r = train_stage("distill", student, cfg, run_dir, names, loss["lambda_semi"], loss["lambda_pxl"],
+                    pseudo_labels=pl, stage_train=(cfg.get("distill") or {}).get("train"), resume=resume)
+    metrics["student_distilled"] = _row(r)
+    return student
+
+
+def run_refine(cfg: dict[str, Any], run_dir: Path, student: torch.nn.Module, metrics: dict[str, Any],
+               resume: bool = True, key: str = "student_refined", name: str = "refine") -> torch.nn.Module:
+    """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``."""
+    r = train_stage(name, student, cfg, run_dir, _class_names(cfg), 0.0, 0.0,
+                    stage_train=(cfg.get("refine") or {}).get("train"), resume=resume)
+    metrics[key] = _row(r)
+    return student
+
+
+def _class_names(cfg: dict[str, Any]) -> list[str]:
+    from castseg.data.coco_io import load_coco
+
+    return load_coco(DataConfig.from_dict(cfg["data"], "config", "data").labeled,
+                     cfg["data"].get("images_root")).class_names
+
+
+def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: bool = True) -> dict[str, Any]:
+    """All of CAST plus the supervised-only student with stage 3's budget from θ_s⁰."""
+    metrics: dict[str, Any] = {}
+    teacher = run_adapt(cfg, run_dir, metrics, resume)
+    write_json(metrics, run_dir / "metrics.json", indent=1)
+    student = run_distill(cfg, run_dir, teacher, metrics, resume)
+    write_json(metrics, run_dir / "metrics.json", indent=1)
+    run_refine(cfg, run_dir, copy.deepcopy(student), metrics, resume)
+    run_refine(cfg, run_dir, initial_student(cfg), metrics, resume, key="student_supervised", name="supervised")
+    write_json(metrics, run_dir / "metrics.json", indent=1)
+    if report:
+        from castseg.report import write_report
+
+        write_report(run_dir, metrics, stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"),
+                     title=f"castseg run: {run_dir.name}")
+    return metrics
