@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 SAMPLERS = ("uniform", "mask", "class", "fused")
@@ -181,7 +181,7 @@ class PixelContrastiveLoss(nn.Module):
         ``instance_ids`` ``[B,H,W]`` int (-1 unknown; monitoring only), ``valid`` ``[B,H,W]``
         bool (False = padding: neither anchor nor negative). Both maps are resized (nearest)
         to (H, W) if needed. ``generator`` seeds the anchor/pool/negative draws."""
-        B, D, H, W = z_weak.shape
+        B, _, H, W = z_weak.shape
         if z_strong.shape != z_weak.shape:
             raise ValueError(f"z_strong {tuple(z_strong.shape)} != z_weak {tuple(z_weak.shape)}")
         dev, HW = z_weak.device, H * W
