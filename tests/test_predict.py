@@ -86,3 +86,17 @@ def test_bench_json_has_median_per_runtime(checkpoint, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["median_ms"]) == {"student/torch", "teacher/torch"}
     assert all(v > 0 for v in result["median_ms"].values()) and result["teacher_over_student"] > 0
+
+
+def test_predict_with_a_zero_shot_teacher_folder(three_images, tmp_path):
+    from castseg.models.tiny_teacher import save_tiny_grounded_sam
+
+    folder = save_tiny_grounded_sam(tmp_path / "teacher", ["nucleus"], box_threshold=0.0, text_threshold=0.0)
+    out = tmp_path / "pred"
+    with pytest.warns(UserWarning, match="non-image"):
+        code = cli.main(["predict", "--checkpoint", str(folder), "--images", str(three_images), "--out", str(out),
+                         "--score-threshold", "0", "--max-size", "96", "--max-instances", "5"])
+    assert code == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert records and all(r["segmentation"]["size"] == [256, 320] for r in records)
+    assert len(list((out / "overlays").glob("*.png"))) == 3
