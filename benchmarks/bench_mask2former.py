@@ -55,7 +55,7 @@ def random_targets(batch: int, size: int, num_classes: int, instances: int, gen:
     return targets
 
 
-def build_transformers_mask2former(num_classes: int, image_size: int) -> torch.nn.Module:
+def build_transformers_mask2former(num_classes: int) -> torch.nn.Module:
     from transformers import (
         Dinov2Config,
         Mask2FormerConfig,
@@ -99,7 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     ours = build_student(StudentConfig.from_preset("small", pretrained=False, num_classes=args.classes))
-    theirs = build_transformers_mask2former(args.classes, args.size)
+    theirs = build_transformers_mask2former(args.classes)
     criterion = SetLoss(args.classes)  # defaults = Mask2Former's: 12544 points, weights 2/5/5, no-object 0.1
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size)  # castseg: [0,1], normalised inside
