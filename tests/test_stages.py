@@ -58,7 +58,9 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
         assert (run_dir / stage / "checkpoints" / "last" / "model.json").is_file(), stage
     assert (run_dir / "pseudo_labels" / "teacher.json").is_file()
     assert (run_dir / "config.yaml").is_file()
-    assert "<table>" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "<table>" in page and "teacher (adapted)" in page and "student (refined)" in page
+    assert page.count("data:image/png;base64") >= 4  # curves + teacher/student overlays
     assert "student, CAST refined" in (run_dir / "report.md").read_text()
     # a re-run skips every finished stage and reproduces the metrics
     capsys.readouterr()

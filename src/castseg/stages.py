@@ -194,6 +194,50 @@ def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: boo
     if report:
         from castseg.report import write_report
 
-        write_report(run_dir, metrics, stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"),
-                     title=f"castseg run: {run_dir.name}")
+        efficiency, overlays = report_extras(cfg, metrics)
+        write_report(run_dir, metrics, efficiency, stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"),
+                     overlays=overlays, title=f"castseg run: {run_dir.name}")
     return metrics
+
+
+def report_extras(cfg: dict[str, Any], metrics: dict[str, Any], num_images: int = 2, repeats: int = 3
+                  ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, bytes]]]:
+    """Params / GFLOPs / latency of the adapted teacher and the refined student on the first val
+    image, and their predictions on the first ``num_images`` val images side by side."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from castseg.bench import bench_predictor_forward
+    from castseg.data.coco_io import load_coco
+    from castseg.data.images import read_image
+    from castseg.predictor import load_predictor, resize_for_model
+    from castseg.report import overlay
+
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
+    if not data.val:
+        return {}, []
+    val = load_coco(data.val, data.images_root)
+    images = [read_image(val.image_path(img)) for img in val.images[:num_images]]
+    efficiency: dict[str, dict[str, Any]] = {}
+    panels: list[tuple[str, bytes]] = []
+    for key, label in (("teacher_adapted", "teacher (adapted)"), ("student_refined", "student (refined)")):
+        ckpt = (metrics.get(key) or {}).get("checkpoint")
+        if not ckpt:
+            continue
+        pred = load_predictor(ckpt, topk=ev.topk, score_threshold=0.3)
+        x = resize_for_model(images[0], ev.max_size or data.val_max_size)[None]
+        # FlopCounterMode's module tracking needs autograd on; the graph is discarded.
+        with FlopCounterMode(display=False) as flops:
+            pred.model(x)
+        timing = bench_predictor_forward(pred.raw, x, repeats)
+        efficiency[label] = {"params": sum(p.numel() for p in pred.model.parameters()),
+                             "gflops": flops.get_total_flops() / 1e9, "latency_ms": timing["median_ms"]}
+        for i, img in enumerate(images):
+            r = pred(resize_for_model(img, ev.max_size or data.val_max_size)[None])[0]
+            masks = torch.nn.functional.interpolate(r["masks"][None].float(), size=img.shape[:2])[0] > 0.5 \
+                if len(r["masks"]) else torch.zeros((0, *img.shape[:2]), dtype=torch.bool)
+            panels.append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
+    # teacher and student of the same image next to each other
+    n = len(images)
+    overlays = [panels[j * n + i] for i in range(n) for j in range(len(panels) // max(n, 1))]
+    return efficiency, overlays
