@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         gt["images"] = [i for i in gt["images"] if i["id"] in keep]
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
     stats = evaluate_coco(gt, records, "segm", max_dets=args.max_dets)
-    print(format_stats(stats))
+    print(format_stats(stats, args.max_dets))
     metrics = {"classical_baseline": {"AP": stats["AP"], "AP50": stats["AP50"], "predictions": str(pred_path)},
                "val_images": len(images), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(metrics, out / "metrics.json", indent=1)

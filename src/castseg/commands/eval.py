@@ -68,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
     else:
         print(f"COCO {iou_type} evaluation of {args.pred} on {args.gt}")
-        print(format_stats(stats))
+        print(format_stats(stats, args.max_dets))
     return 0

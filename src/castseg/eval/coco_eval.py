@@ -180,9 +180,11 @@ def evaluate_coco(gt: str | Path | dict | CocoData, pred: str | Path | list, iou
     return {k: float(v) for k, v in zip(STAT_KEYS, ev.stats[: len(STAT_KEYS)])}
 
 
-def format_stats(stats: dict[str, float]) -> str:
-    """The 12 lines COCOeval.summarize() prints, from :func:`evaluate_coco`'s dict."""
+def format_stats(stats: dict[str, float], max_dets: int = 100) -> str:
+    """The 12 lines COCOeval.summarize() prints, from :func:`evaluate_coco`'s dict (``max_dets``
+    as passed to it, so the labels say what was evaluated)."""
     lines = []
-    for key, (title, iou, area, max_dets) in zip(STAT_KEYS, _STAT_LINES):
-        lines.append(f" {title} @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {stats[key]:0.3f}")
+    for key, (title, iou, area, dets) in zip(STAT_KEYS, _STAT_LINES):
+        dets = max_dets if dets == 100 else dets
+        lines.append(f" {title} @[ IoU={iou:<9} | area={area:>6s} | maxDets={dets:>3d} ] = {stats[key]:0.3f}")
     return "\n".join(lines)
