@@ -91,7 +91,29 @@ def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir:
         if data.val else None
     trainer = Trainer(model, loss_fn, streams, tc, run_dir / name, evaluate_fn=evaluate, name=name,
                       class_names=class_names, run_config=cfg)
-    return trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume)
+    _debug_rank_weights(trainer, name)
+    return result
+
+
+def _debug_rank_weights(trainer: Trainer, name: str) -> None:
+    """Opt-in test hook: with ``CASTSEG_DEBUG_RANK_WEIGHTS_DIR`` set, every rank writes the sha256
+    of its final weights (state_dict tensors in sorted key order) to
+    ``<dir>/<stage, '/' → '_'>.rank<k>.sha256``, so tests can check DDP ranks stayed in sync."""
+    import hashlib
+    import os
+
+    out = os.environ.get("CASTSEG_DEBUG_RANK_WEIGHTS_DIR")
+    if not out:
+        return
+    from castseg.engine import unwrap_model
+
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap_model(trainer.model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name.replace('/', '_')}.rank{trainer.dist.rank}.sha256").write_text(h.hexdigest() + "\n")
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:

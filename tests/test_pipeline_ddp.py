@@ -1,0 +1,46 @@
+"""`castseg distill` under torchrun: two CPU ranks (gloo, grad_sync=allreduce, as the CAST
+objective's two forward passes need) end with identical weights and one rank-0 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from castseg.engine.checkpointing import find_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_stages import tiny_run  # noqa: E402,F401  (the fixture: 9-image split, tiny teacher, tiny.yaml)
+
+ENV = {**os.environ, "CASTSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_distill_two_ranks_keep_identical_weights(tiny_run):
+    root = tiny_run
+    hashes = root / "rank_weights"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "castseg.cli", "distill", str(root / "tiny.yaml"),
+           "train.max_steps=20", "train.grad_sync=allreduce", "train.device=cpu", "train.ckpt_every=10",
+           "train.log_every=5", "train.batch_size=1",
+           "--runs", str(root / "runs"), "--teacher", str(root / "teacher")]
+    proc = subprocess.run(cmd, env={**ENV, "CASTSEG_DEBUG_RANK_WEIGHTS_DIR": str(hashes)}, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [(hashes / f"distill.rank{r}.sha256").read_text().strip() for r in (0, 1)]
+    assert len(ranks[0]) == 64 and ranks[0] == ranks[1]
+    run = root / "runs" / "tiny"
+    ckpt = find_checkpoint(run / "distill" / "checkpoints" / "last")
+    assert ckpt is not None and ckpt.complete and ckpt.step == 20
+    metrics = json.loads((run / "metrics.json").read_text())["student_distilled"]
+    assert 0.0 <= metrics["AP"] <= 1.0 and 0.0 <= metrics["AP50"] <= 1.0
+    assert (run / "pseudo_labels" / "teacher.json").is_file()
