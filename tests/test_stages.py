@@ -67,3 +67,28 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
     assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]) == 0
     assert "already complete" in capsys.readouterr().err
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+
+
+def test_run_with_the_grounded_sam_teacher(tiny_run):
+    """The whole pipeline with the paper's composite teacher (tiny random weights, the real
+    from_pretrained path): zero-shot eval, adaptation a/c on its own loss, pseudo-labels from the
+    saved adapted teacher folder, distillation, refinement, report."""
+    from castseg.models.tiny_teacher import save_tiny_grounded_sam
+
+    folder = save_tiny_grounded_sam(tiny_run / "gsam", ["nucleus"], box_threshold=0.0, text_threshold=0.0,
+                                    max_detections=10)
+    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    cfg["teacher"] = {"type": "grounded_sam", "path": str(folder)}
+    cfg["adapt"] = {"train": {"max_steps": 2}}
+    (tiny_run / "gsam.yaml").write_text(yaml.safe_dump(cfg))
+    runs = tiny_run / "runs"
+    assert cli.main(["run", str(tiny_run / "gsam.yaml"), "--runs", str(runs)]) == 0
+    run_dir = runs / "gsam"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("teacher_zero_shot", "teacher_adapted", "student_supervised", "student_distilled", "student_refined"):
+        assert 0.0 <= metrics[key]["AP"] <= 1.0, key
+    assert (run_dir / "adapt" / "c" / "teacher" / "teacher.json").is_file()
+    assert (run_dir / "pseudo_labels" / "adapt_a.json").is_file()
+    log = (run_dir / "adapt" / "a" / "log.csv").read_text().splitlines()
+    assert "labeled_loss_det" in log[0] and len(log) == 3  # header + 2 steps
+    assert "teacher (adapted)" in (run_dir / "report.md").read_text()

@@ -70,6 +70,8 @@ def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir:
     ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
     tc = train_config(cfg, stage_train, source=f"config ({name})")
     loss = loss_options(cfg)
+    if is_composite_teacher(model):
+        lambda_pxl = 0.0  # no pixel embeddings in Grounding DINO + SAM2 (see composite_teacher_loss)
     weak = WeakView(crop_size=data.crop_size, scale_range=data.scale_range, hflip=data.hflip, vflip=data.vflip)
     strong = lambda_pxl > 0 and data.strong_view
     streams = {"labeled": _stream(CocoInstanceDataset(data.labeled, data.images_root, transform=weak,
@@ -81,19 +83,76 @@ def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir:
                                   transform=weak, strong_view=strong, weight_by_score=loss["weight_by_score"],
                                   images_root=data.images_root)
         streams["unlabeled"] = _stream(ds, data.unlabeled_batch_size or tc.batch_size, data, tc.num_workers)
-    objective = build_objective(len(class_names), loss, lambda_semi, lambda_pxl)
+    if is_composite_teacher(model):
+        loss_fn = composite_teacher_loss(class_names)
+        evaluate = (lambda m: evaluate_teacher(m, cfg)) if data.val else None
+    else:
+        objective = build_objective(len(class_names), loss, lambda_semi, lambda_pxl)
 
-    def loss_fn(m, batches, step):
-        return objective(m, batches.get("labeled"), batches.get("unlabeled"), step=step)
+        def loss_fn(m, batches, step):
+            return objective(m, batches.get("labeled"), batches.get("unlabeled"), step=step)
 
-    evaluate = make_evaluator(data.val, max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk,
-                              max_size=ev.max_size or data.val_max_size, images_root=data.images_root) \
-        if data.val else None
+        evaluate = make_evaluator(data.val, max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk,
+                                  max_size=ev.max_size or data.val_max_size, images_root=data.images_root) \
+            if data.val else None
     trainer = Trainer(model, loss_fn, streams, tc, run_dir / name, evaluate_fn=evaluate, name=name,
                       class_names=class_names, run_config=cfg)
     result = trainer.fit(resume=resume)
     _debug_rank_weights(trainer, name)
+    if is_composite_teacher(model) and trainer.dist.is_main:
+        # The adapted teacher in its own format, loadable by pseudo-label / predict / distill.
+        folder = run_dir / name / "teacher"
+        model.save_pretrained(folder)
+        result = {**result, "checkpoint": str(folder)}
     return result
+
+
+def is_composite_teacher(model: torch.nn.Module) -> bool:
+    from castseg.models.grounded_sam import GroundedSAMTeacher
+
+    return isinstance(model, GroundedSAMTeacher)
+
+
+def composite_teacher_loss(class_names: list[str]):
+    """Stage-1 loss of the Grounding DINO + SAM2 teacher: its own detection loss + SAM2 mask
+    BCE/Dice (:meth:`GroundedSAMTeacher.loss`) on labeled and pseudo-labelled batches. L_pxl
+    needs pixel embeddings this teacher does not have, so λ_pxl does not apply to it."""
+    def loss_fn(m, batches, step):
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for key, batch in batches.items():
+            targets = [{"labels": t["labels"], "masks": t["masks"]} for t in batch["targets"]]
+            out = m.loss(batch["images"], targets, class_names)
+            total = total + out["loss"]
+            terms.update({f"{key}_{k}": v.detach() for k, v in out.items() if k != "loss"})
+        return {"loss": total, **terms}
+
+    return loss_fn
+
+
+def evaluate_teacher(teacher: torch.nn.Module, cfg: dict[str, Any]) -> dict[str, float]:
+    """Mask AP of a composite teacher on the val set (its own predict path)."""
+    from castseg.data.dataset import UnlabeledImageDataset
+    from castseg.eval.coco_eval import evaluate_coco
+    from castseg.models.inference import to_coco_results
+    from castseg.predictor import resize_for_model
+    from castseg.data.coco_io import load_coco
+
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
+    val = load_coco(data.val, data.images_root)
+    ds = UnlabeledImageDataset(data.val, data.images_root, strong_view=False)
+    records = []
+    for i in range(len(ds)):
+        sample = ds[i]
+        img = (sample["image"].permute(1, 2, 0) * 255).round().byte().numpy()
+        x = resize_for_model(img, ev.max_size or data.val_max_size)[None]
+        r = teacher.predict(x, val.class_names)[0]
+        h, w = sample["orig_size"]
+        masks = torch.nn.functional.interpolate(r["masks"][None].float(), size=(h, w))[0] > 0.5 \
+            if len(r["masks"]) else torch.zeros((0, h, w), dtype=torch.bool)
+        records += to_coco_results({**r, "masks": masks}, sample["image_id"], [c["id"] for c in val.categories])
+    return evaluate_coco(val, records, "segm", max_dets=ev.max_dets)
 
 
 def _debug_rank_weights(trainer: Trainer, name: str) -> None:
@@ -130,10 +189,15 @@ def initial_student(cfg: dict[str, Any]) -> torch.nn.Module:
 def initial_teacher(cfg: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:
     """θ_T⁰: the pretrained teacher (a castseg checkpoint) — loaded afresh on every call, which
     is how stage 1c re-initialises."""
-    t = cfg.get("teacher") or {}
+    t = dict(cfg.get("teacher") or {})
+    if t.get("type") == "grounded_sam":
+        from castseg.models.teacher import build_teacher
+
+        teacher = build_teacher(t)
+        return teacher.train(), _class_names(cfg)
     if t.get("type", "checkpoint") != "checkpoint" or not t.get("path"):
-        raise CastsegError("config teacher: stage 1 adapts a student-architecture teacher; set teacher.type: "
-                           "checkpoint and teacher.path to its castseg checkpoint")
+        raise CastsegError("config teacher: set teacher.type: checkpoint with teacher.path (a castseg checkpoint), "
+                           "or teacher.type: grounded_sam")
     model, meta = load_checkpoint(t["path"])
     return model.train(), list(meta["class_names"])
 
@@ -161,8 +225,12 @@ def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resum
     on D_l + pseudo-labelled D_u. Returns θ_T'''s checkpoint."""
     loss = loss_options(cfg)
     stage = cfg.get("adapt") or {}
-    metrics["teacher_zero_shot"] = evaluate_checkpoint(cfg["teacher"]["path"], cfg)
     model, names = initial_teacher(cfg)
+    if is_composite_teacher(model):
+        stats = evaluate_teacher(model, cfg)
+        metrics["teacher_zero_shot"] = {"AP": stats["AP"], "AP50": stats["AP50"], "checkpoint": "teacher config"}
+    else:
+        metrics["teacher_zero_shot"] = evaluate_checkpoint(cfg["teacher"]["path"], cfg)
     a = train_stage("adapt/a", model, cfg, run_dir, names, 0.0, loss["lambda_pxl"], stage_train=stage.get("train"),
                     resume=resume)
     metrics["teacher_adapted_a"] = _row(a)
@@ -248,12 +316,16 @@ def report_extras(cfg: dict[str, Any], metrics: dict[str, Any], num_images: int 
             continue
         pred = load_predictor(ckpt, topk=ev.topk, score_threshold=0.3)
         x = resize_for_model(images[0], ev.max_size or data.val_max_size)[None]
-        # FlopCounterMode's module tracking needs autograd on; the graph is discarded.
-        with FlopCounterMode(display=False) as flops:
-            pred.model(x)
-        timing = bench_predictor_forward(pred.raw, x, repeats)
-        efficiency[label] = {"params": sum(p.numel() for p in pred.model.parameters()),
-                             "gflops": flops.get_total_flops() / 1e9, "latency_ms": timing["median_ms"]}
+        net = getattr(pred, "model", None) or getattr(pred, "teacher")
+        gflops = None
+        if hasattr(pred, "raw"):
+            # FlopCounterMode's module tracking needs autograd on; the graph is discarded.
+            with FlopCounterMode(display=False) as flops:
+                pred.model(x)
+            gflops = flops.get_total_flops() / 1e9
+        timing = bench_predictor_forward(getattr(pred, "raw", pred), x, repeats)
+        efficiency[label] = {"params": sum(p.numel() for p in net.parameters()), "gflops": gflops,
+                             "latency_ms": timing["median_ms"]}
         for i, img in enumerate(images):
             r = pred(resize_for_model(img, ev.max_size or data.val_max_size)[None])[0]
             masks = torch.nn.functional.interpolate(r["masks"][None].float(), size=img.shape[:2])[0] > 0.5 \

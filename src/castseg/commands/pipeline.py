@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
         p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
         p.add_argument("--runs", default="runs", help="parent folder of run directories (default runs/)")
+        p.add_argument("--resume", action="store_true", default=True,
+                       help="continue interrupted stages and skip finished ones (the default)")
         p.add_argument("--no-resume", action="store_true", help="retrain stages instead of resuming/skipping")
         if verb == "distill":
             p.add_argument("--teacher", default=None, help="adapted teacher checkpoint (default: this run's adapt/c)")
@@ -55,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.verb == "adapt":
         stages.run_adapt(cfg, run_dir, metrics, resume)
     elif args.verb == "distill":
-        teacher = Path(args.teacher) if args.teacher else run_dir / "adapt" / "c" / "checkpoints" / "last"
+        adapted = run_dir / "adapt" / "c"
+        # a composite (grounded-SAM) teacher is saved in its own format beside the checkpoints
+        default = adapted / "teacher" if (adapted / "teacher").is_dir() else adapted / "checkpoints" / "last"
+        teacher = Path(args.teacher) if args.teacher else default
         if not teacher.exists():
             raise CastsegError(f"{teacher}: no adapted teacher; run `castseg adapt` first or pass --teacher")
         stages.run_distill(cfg, run_dir, teacher, metrics, resume)
