@@ -132,26 +132,23 @@ def composite_teacher_loss(class_names: list[str]):
 
 def evaluate_teacher(teacher: torch.nn.Module, cfg: dict[str, Any]) -> dict[str, float]:
     """Mask AP of a composite teacher on the val set (its own predict path)."""
-    from castseg.data.dataset import UnlabeledImageDataset
-    from castseg.eval.coco_eval import evaluate_coco
-    from castseg.models.inference import to_coco_results
-    from castseg.predictor import resize_for_model
     from castseg.data.coco_io import load_coco
+    from castseg.data.images import read_image
+    from castseg.eval.coco_eval import evaluate_coco
+    from castseg.models.inference import resize_masks, to_coco_results
+    from castseg.predictor import resize_for_model
 
     data = DataConfig.from_dict(cfg["data"], "config", "data")
     ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
     val = load_coco(data.val, data.images_root)
-    ds = UnlabeledImageDataset(data.val, data.images_root, strong_view=False)
+    cat_ids = [c["id"] for c in val.categories]
     records = []
-    for i in range(len(ds)):
-        sample = ds[i]
-        img = (sample["image"].permute(1, 2, 0) * 255).round().byte().numpy()
-        x = resize_for_model(img, ev.max_size or data.val_max_size)[None]
+    for img in val.images:
+        x = resize_for_model(read_image(val.image_path(img)), ev.max_size or data.val_max_size)[None]
         r = teacher.predict(x, val.class_names)[0]
-        h, w = sample["orig_size"]
-        masks = torch.nn.functional.interpolate(r["masks"][None].float(), size=(h, w))[0] > 0.5 \
-            if len(r["masks"]) else torch.zeros((0, h, w), dtype=torch.bool)
-        records += to_coco_results({**r, "masks": masks}, sample["image_id"], [c["id"] for c in val.categories])
+        h, w = img["height"], img["width"]
+        masks = resize_masks(r["masks"], (h, w))
+        records += to_coco_results({**r, "masks": masks}, img["id"], cat_ids)
     return evaluate_coco(val, records, "segm", max_dets=ev.max_dets)
 
 
@@ -299,6 +296,7 @@ def report_extras(cfg: dict[str, Any], metrics: dict[str, Any], num_images: int 
     from castseg.bench import bench_predictor_forward
     from castseg.data.coco_io import load_coco
     from castseg.data.images import read_image
+    from castseg.models.inference import resize_masks
     from castseg.predictor import load_predictor, resize_for_model
     from castseg.report import overlay
 
@@ -328,8 +326,7 @@ def report_extras(cfg: dict[str, Any], metrics: dict[str, Any], num_images: int 
                              "latency_ms": timing["median_ms"]}
         for i, img in enumerate(images):
             r = pred(resize_for_model(img, ev.max_size or data.val_max_size)[None])[0]
-            masks = torch.nn.functional.interpolate(r["masks"][None].float(), size=img.shape[:2])[0] > 0.5 \
-                if len(r["masks"]) else torch.zeros((0, *img.shape[:2]), dtype=torch.bool)
+            masks = resize_masks(r["masks"], img.shape[:2])
             panels.append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
     # teacher and student of the same image next to each other
     n = len(images)

@@ -58,13 +58,13 @@ def list_images(spec: str, images_root: str | None) -> tuple[list[tuple[int, str
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from PIL import Image
     from tqdm import tqdm
 
     from castseg.data.images import read_image
     from castseg.errors import InputError
     from castseg.eval.results import instances_to_results, write_results
+    from castseg.models.inference import resize_masks
     from castseg.predictor import load_predictor, resize_for_model
     from castseg.visualize import draw_instances
 
@@ -104,10 +104,7 @@ def run(args: argparse.Namespace) -> int:
             keep = r["scores"].cpu() >= args.score_threshold
             masks, scores, labels = masks[keep][: args.max_instances], r["scores"].cpu()[keep][: args.max_instances], \
                 r["labels"].cpu()[keep][: args.max_instances]
-            if len(masks) == 0:  # interpolate rejects empty channel dims
-                masks = torch.zeros((0, h, w), dtype=torch.bool)
-            elif masks.shape[-2:] != (h, w):
-                masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0] > 0.5
+            masks = resize_masks(masks, (h, w))
             categories = np.asarray(cat_ids, dtype=np.int64)[labels.numpy()] if len(labels) else np.zeros(0, np.int64)
             records += instances_to_results(image_id, masks, scores, categories)
             stem = Path(name).with_suffix("").as_posix().replace("/", "__")

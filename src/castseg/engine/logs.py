@@ -34,11 +34,16 @@ VAL_JSON = "val_metrics.json"
 TB_DIR = "tensorboard"
 
 
-def progress_enabled(stream: TextIO = sys.stderr) -> bool:
-    """A live bar only on a terminal, and not when ``CASTSEG_NO_PROGRESS=1``."""
+def progress_enabled(stream: TextIO | None = None) -> bool:
+    """A live bar only on a terminal, and not when ``CASTSEG_NO_PROGRESS=1``. ``stream``
+    defaults to the *current* ``sys.stderr`` (it may have been replaced since import)."""
     if os.environ.get("CASTSEG_NO_PROGRESS", "") not in ("", "0"):
         return False
-    return bool(getattr(stream, "isatty", lambda: False)())
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _fmt(v: float) -> str:

@@ -105,3 +105,14 @@ def to_coco_results(instances: dict[str, Any], image_id: int, cat_ids: Sequence[
     categories = np.asarray(cat_ids, dtype=np.int64)[labels.astype(np.int64)]
     # One writer for every predictor: the results format lives in castseg.eval.results.
     return instances_to_results(image_id, instances["masks"], instances["scores"], categories)
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Binary masks ``[K,h,w]`` → bool ``[K,H,W]`` (nearest), for predictions made on a resized
+    input; ``K = 0`` is fine (interpolate itself rejects an empty channel dimension)."""
+    size = (int(size[0]), int(size[1]))
+    if len(masks) == 0:
+        return torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
+    if tuple(masks.shape[-2:]) == size:
+        return masks.bool()
+    return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5

@@ -22,6 +22,7 @@ from castseg.data.coco_io import read_json, validate_coco, write_json
 from castseg.data.dataset import UnlabeledImageDataset
 from castseg.errors import CastsegError, InputError
 from castseg.eval.results import instances_to_results
+from castseg.models.inference import resize_masks
 from castseg.pseudo_labels.cache import FORMAT, IDENTITY_KEYS, images_sha256, manifest_path, parts_dir
 
 
@@ -135,10 +136,7 @@ def _predict_chunk(teacher: Any, batches: Any, names: list[str], cat_of: np.ndar
             masks, scores, labels = r["masks"].cpu()[keep], r["scores"].cpu()[keep], r["labels"].cpu()[keep]
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
                 raise CastsegError(f"the teacher returned labels outside [0, {len(names)}) for {sm['file_name']}")
-            if len(masks) == 0:  # interpolate rejects empty channel dims
-                masks = torch.zeros((0, h0, w0), dtype=torch.bool)
-            elif tuple(masks.shape[-2:]) != (h0, w0):
-                masks = F.interpolate(masks[None].float(), size=(h0, w0), mode="nearest")[0] > 0.5
+            masks = resize_masks(masks, (h0, w0))
             records += instances_to_results(sm["image_id"], masks, scores, cat_of[labels.numpy()])
         bar.update(len(batch))
     return records
