@@ -7,11 +7,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ from torch.utils.data import DataLoader
 from castseg.config import TrainConfig
 from castseg.engine import BatchStream, Trainer, TrainingDiverged, lr_factor
 from castseg.engine.checkpointing import STATE_JSON, STATE_TENSORS, find_checkpoint
+
+from _kill import sigkill_after_checkpoint
 from castseg.engine.logs import progress_enabled
 from castseg.errors import CastsegError
 
@@ -54,19 +54,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, str(TASK), str(tmp_path / "B"), "30", "--sleep", "0.06"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "B" / "checkpoints" / "last" / STATE_JSON
-    deadline = time.time() + 60
-    try:
-        while time.time() < deadline:
-            try:
-                if json.loads(state.read_text())["step"] >= 10:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            assert proc.poll() is None, "the training subprocess ended before it could be killed"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    sigkill_after_checkpoint(proc, state, 10, timeout=60)
     ckpt = find_checkpoint(tmp_path / "B" / "checkpoints" / "last")
     assert ckpt is not None and not ckpt.complete and 10 <= ckpt.step < 30
     b = task.make_trainer(tmp_path / "B", 30)

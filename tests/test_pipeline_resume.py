@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from castseg.engine.checkpointing import STATE_JSON
 from castseg.models import load_checkpoint
+
+from _kill import sigkill_after_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stages import tiny_run  # noqa: E402,F401  (the fixture: 9-image split, tiny teacher, tiny.yaml)
@@ -40,22 +40,7 @@ def test_killed_distill_resumes_to_identical_result(tiny_run):
     proc = subprocess.Popen(distill_cmd(root, root / "B"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state = root / "B" / "tiny" / "distill" / "checkpoints" / "last" / STATE_JSON
-    killed_at = None
-    deadline = time.time() + 90
-    try:
-        while time.time() < deadline:
-            try:
-                step = json.loads(state.read_text())["step"]
-                if step >= 3:
-                    killed_at = step
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            assert proc.poll() is None, "castseg distill ended before it could be killed"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    killed_at = sigkill_after_checkpoint(proc, state, 3, timeout=90, what="castseg distill")
     assert a.wait(timeout=120) == 0, a_log.read_text()[-3000:]
     assert killed_at is not None and killed_at < MAX_STEPS, killed_at
     assert not (root / "B" / "tiny" / "metrics.json").is_file() or \
