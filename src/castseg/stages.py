@@ -282,6 +282,8 @@ def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: boo
         from castseg.report import write_report
 
         efficiency, overlays = report_extras(cfg, metrics)
+        metrics["efficiency"] = efficiency
+        write_json(metrics, run_dir / "metrics.json", indent=1)
         write_report(run_dir, metrics, efficiency, stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"),
                      overlays=overlays, title=f"castseg run: {run_dir.name}")
     return metrics

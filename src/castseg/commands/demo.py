@@ -1,42 +1,74 @@
-"""``castseg demo``: the main job on the embedded default dataset.
+"""``castseg demo``: CAST end to end on the embedded default dataset, on a CPU, in minutes.
 
-Until the three-stage pipeline lands, the demo runs the data and evaluation path end to end on
-real data: validate the embedded DSB2018 histology set → seeded split (fixed val, 10% labeled)
-→ weak/strong training views through a DataLoader → predictions of a training-free classical
-baseline on val → COCO mask AP. Every artefact lands in ``--out``.
+The embedded default is the target domain: 107 colour (H&E histology) DSB2018 images. The demo
+splits it (fixed val, 10% of the rest labeled, the others unlabeled), then runs the full
+three-stage ``castseg run`` (adapt the teacher → distil into the student → refine on the
+labels, plus the supervised-only student) starting from the *pretrained stand-ins* shipped in
+``assets/standins`` — a teacher and a student encoder trained on the grey DSB2018 images (the
+source domain; recipe in ``tools/train_standins.py``). It prints one table (zero-shot teacher,
+adapted teacher, supervised-only, distilled and refined student: AP, AP50, params, latency)
+and the report's path. ``--pretrained`` runs the same protocol with the paper's hub models.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from castseg.errors import CastsegError
+
+# The paper's models for `--pretrained` (hub ids; a connected machine, ideally with a GPU).
+PRETRAINED_TEACHER = {"type": "grounded_sam", "detector": "IDEA-Research/grounding-dino-base",
+                      "segmenter": "facebook/sam2.1-hiera-large", "class_names": ["nucleus"],
+                      "box_threshold": 0.3, "text_threshold": 0.25, "max_detections": 300}
+PRETRAINED_STUDENT = {"preset": "small", "encoder_name": "facebook/dinov2-small", "pretrained": True}
+ROWS = (("teacher_zero_shot", "teacher zero-shot", "teacher"), ("teacher_adapted", "teacher adapted", "teacher"),
+        ("student_supervised", "student supervised-only", "student"),
+        ("student_distilled", "student distilled", "student"), ("student_refined", "student refined (CAST)", "student"))
+
+
+def asset(*parts: str) -> Path:
+    return Path(str(resources.files("castseg").joinpath("assets", *parts)))
 
 
 def embedded_default() -> Path:
     """Annotation file of the dataset shipped inside the package."""
-    path = Path(str(resources.files("castseg") / "assets" / "dsb2018_histology" / "annotations.json"))
+    path = asset("dsb2018_histology", "annotations.json")
     if not path.exists():
         raise CastsegError(f"the embedded default dataset is missing ({path}); reinstall castseg")
     return path
 
 
+def standins() -> tuple[Path, Path]:
+    """(stand-in teacher checkpoint, stand-in student encoder folder)."""
+    teacher, encoder = asset("standins", "teacher"), asset("standins", "student_encoder")
+    for p in (teacher / "model.safetensors", encoder / "model.safetensors"):
+        if not p.is_file():
+            raise CastsegError(f"pretrained stand-in missing ({p}); reinstall castseg or rebuild it with "
+                               f"tools/train_standins.py")
+    return teacher, encoder
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("demo", help="run the main job on the embedded default dataset",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = subparsers.add_parser("demo", help="run CAST end to end on the embedded default dataset",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of assets/demo.yaml, e.g. distill.train.max_steps=400")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running resumes")
     p.add_argument("--data", default=None, help="COCO json to use instead of the embedded default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--labeled-fraction", type=float, default=0.1)
     p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--max-dets", type=int, default=300,
-                   help="detections per image that count in AP (default 300: these images hold up "
-                   "to 151 nuclei, COCO's 100 would cap recall)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a few val images only")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (≤ 3 min): a few steps per stage, 8 unlabeled and 6 val images")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the paper's models from the hub (Grounding DINO + SAM2 teacher, DINOv2-S student) "
+                   "instead of the stand-ins; needs the network (or a filled HF cache) and, in practice, a GPU")
     p.set_defaults(func=run)
     return p
 
@@ -45,66 +77,137 @@ def _step(i: int, n: int, text: str) -> None:
     print(f"[{i}/{n}] {text}", flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    # Heavy imports here, not at module level: every `castseg` verb imports this module.
+def check_hub(ids: list[str]) -> None:
+    """Fail fast, before any training, when a hub model is neither cached nor downloadable."""
+    from huggingface_hub import hf_hub_download
+
+    for repo in ids:
+        try:
+            hf_hub_download(repo, "config.json")
+        except Exception as e:  # offline, no network, unknown repo, gated: all end here
+            raise CastsegError(f"--pretrained needs {repo} from the Hugging Face hub, which is unreachable here "
+                               f"({type(e).__name__}). Connect to the network (HF_HUB_OFFLINE unset) or fill "
+                               f"the cache with `huggingface-cli download {repo}`; without it, run the demo "
+                               f"without --pretrained (stand-ins)") from None
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    from castseg.data.coco_io import read_json, write_json
+
+    d = read_json(src)
+    keep = {img["id"] for img in d["images"][:n]}
+    d["images"] = [i for i in d["images"] if i["id"] in keep]
+    if "annotations" in d:
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] in keep]
+    write_json(d, dst)
+    return dst
+
+
+def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> dict[str, Any]:
+    """assets/demo.yaml + the split's files + the models (stand-ins or hub) + overrides."""
+    from castseg.config import load_config
+
+    quick = ["adapt.train.max_steps=3", "distill.train.max_steps=6", "refine.train.max_steps=3",
+             "train.ckpt_every=0", "train.log_every=1", "eval.topk=100"] if args.quick else []
+    cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}", *args.overrides])
+    labeled, unlabeled, val = files["labeled"], files["unlabeled"], files["val"]
+    if args.quick:
+        unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 8)
+        val = _subset(val, out / "splits" / "val_quick.json", 6)
+    cfg["data"].update(labeled=str(labeled.resolve()), unlabeled=str(unlabeled.resolve()), val=str(val.resolve()))
+    if args.pretrained:
+        cfg["teacher"] = dict(PRETRAINED_TEACHER)
+        cfg["model"].update(PRETRAINED_STUDENT)
+        cfg["train"]["device"] = "auto"
+    else:
+        teacher, encoder = standins()
+        cfg["teacher"] = {**(cfg.get("teacher") or {}), "type": "checkpoint", "path": str(teacher)}
+        cfg["model"]["encoder_name"] = str(encoder)
+    return cfg
+
+
+def _efficiency(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    eff = metrics.get("efficiency") or {}
+    return {"teacher": eff.get("teacher (adapted)") or {}, "student": eff.get("student (refined)") or {}}
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    eff = _efficiency(metrics)
+    head = f"{'model':<26}{'mask AP':>9}{'AP50':>8}{'params':>10}{'latency':>11}"
+    lines = [head, "-" * len(head)]
+    for key, label, kind in ROWS:
+        row = metrics.get(key) or {}
+        if row.get("AP") is None:
+            continue
+        e = eff[kind]
+        params = f"{e['params'] / 1e6:.2f}M" if e.get("params") else "—"
+        lat = f"{e['latency_ms']:.0f} ms" if e.get("latency_ms") else "—"
+        lines.append(f"{label:<26}{row['AP']:>9.3f}{row['AP50']:>8.3f}{params:>10}{lat:>11}")
+    base = metrics.get("classical_baseline")
+    if base:
+        lines.append(f"{'classical Otsu+watershed':<26}{base['AP']:>9.3f}{base['AP50']:>8.3f}{'0':>10}{'—':>11}")
+    return "\n".join(lines)
+
+
+def classical_baseline(val_json: Path, max_dets: int) -> dict[str, float]:
+    """Training-free reference row: Otsu threshold + watershed on the val images."""
     import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
 
     from castseg.baselines.classical import segment_nuclei
-    from castseg.data.coco_io import load_coco, write_json
-    from castseg.data.dataset import CocoInstanceDataset, collate_instances
+    from castseg.data.coco_io import load_coco
     from castseg.data.images import read_image
+    from castseg.eval.coco_eval import evaluate_coco
+    from castseg.eval.results import instances_to_results
+
+    val = load_coco(val_json)
+    records = []
+    for img in val.images:
+        masks, scores = segment_nuclei(read_image(val.image_path(img)))
+        records += instances_to_results(img["id"], masks, scores, np.full(len(scores), val.categories[0]["id"]))
+    stats = evaluate_coco(val, records, "segm", max_dets=max_dets)
+    return {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    from castseg import stages
+    from castseg.config import save_resolved
+    from castseg.data.coco_io import load_coco, write_json
     from castseg.data.split import make_split, write_split
-    from castseg.data.transforms import WeakView
-    from castseg.eval.coco_eval import evaluate_coco, format_stats
-    from castseg.eval.results import instances_to_results, write_results
 
     t0 = time.perf_counter()
     out = Path(args.out)
     ann = Path(args.data) if args.data else embedded_default()
-    n = 5
-
+    n = 4
+    if args.pretrained:
+        check_hub([PRETRAINED_TEACHER["detector"], PRETRAINED_TEACHER["segmenter"],
+                   PRETRAINED_STUDENT["encoder_name"]])
     _step(1, n, f"data: {ann}")
     coco = load_coco(ann)
     print(f"      {len(coco.images)} images, {len(coco.annotations)} instances, classes {coco.class_names}")
-
-    _step(2, n, f"split: val {args.val_fraction:.0%}, labeled {args.labeled_fraction:.0%} of the rest, seed {args.seed}")
+    _step(2, n, f"split: val {args.val_fraction:.0%}, labeled {args.labeled_fraction:.0%} of the rest, "
+                f"seed {args.seed}")
     split = make_split(coco, seed=args.seed, labeled_fraction=args.labeled_fraction, val_fraction=args.val_fraction)
     files = write_split(coco, split, out / "splits", args.seed, args.labeled_fraction, args.val_fraction)
-    print(f"      labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, val {len(split.val)} -> {out / 'splits'}")
-
-    _step(3, n, "training views: weak (resize/crop/flip) + strong (photometric) through a DataLoader")
-    torch.manual_seed(args.seed)
-    ds = CocoInstanceDataset(files["labeled"], transform=WeakView(crop_size=(256, 256)), strong_view=True)
-    batch = next(iter(DataLoader(ds, batch_size=min(4, len(ds)), shuffle=True, collate_fn=collate_instances)))
-    counts = [int(t["masks"].shape[0]) for t in batch["targets"]]
-    print(f"      batch images {list(batch['images'].shape)}, strong {list(batch['images_strong'].shape)}, "
-          f"instances per image {counts}")
-
-    val = load_coco(files["val"])
-    images = val.images[:5] if args.quick else val.images
-    _step(4, n, f"predict: classical baseline (Otsu + watershed) on {len(images)} val images")
-    records = []
-    for img in images:
-        masks, scores = segment_nuclei(read_image(val.image_path(img)))
-        cats = np.full(len(scores), val.categories[0]["id"])
-        records += instances_to_results(img["id"], masks, scores, cats)
-    pred_path = out / "predictions" / "classical_val.json"
-    write_results(records, pred_path)
-
-    _step(5, n, f"evaluate: COCO mask AP on val (up to {args.max_dets} detections per image)")
-    gt = val.to_dict()
-    if args.quick:
-        keep = {img["id"] for img in images}
-        gt["images"] = [i for i in gt["images"] if i["id"] in keep]
-        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-    stats = evaluate_coco(gt, records, "segm", max_dets=args.max_dets)
-    print(format_stats(stats, args.max_dets))
-    metrics = {"classical_baseline": {"AP": stats["AP"], "AP50": stats["AP50"], "predictions": str(pred_path)},
-               "val_images": len(images), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"      labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, val {len(split.val)} "
+          f"-> {out / 'splits'}")
+    cfg = demo_config(args, files, out)
+    save_resolved(cfg, out / "config.yaml")
+    models = "hub models (--pretrained)" if args.pretrained else "pretrained stand-ins (assets/standins)"
+    _step(3, n, f"castseg run: adapt teacher -> distill -> refine (+ supervised-only student) from {models}; "
+                f"config {out / 'config.yaml'}")
+    metrics = stages.run_all(copy.deepcopy(cfg), out)
+    _step(4, n, "classical reference on val (Otsu + watershed, no training)")
+    metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json", indent=1)
-    print(f"\nclassical baseline on {len(images)} val images: mask AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f}")
-    print(f"metrics: {out / 'metrics.json'}  ({metrics['seconds']} s)")
-    print(json.dumps({"AP": round(stats["AP"], 4), "AP50": round(stats["AP50"], 4)}))
+
+    val_n = len(load_coco(cfg["data"]["val"]).images)
+    print(f"\nmask AP on {val_n} val images (up to {cfg['eval']['max_dets']} detections per image), "
+          f"latency = one forward on one val image, {cfg['train']['device']}:\n")
+    print(results_table(metrics))
+    ckpt = (metrics.get("student_refined") or {}).get("checkpoint")
+    print(f"\nreport:  {out / 'report.html'}")
+    print(f"student: {ckpt}\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds")
+    print(f"done in {metrics['seconds']:.0f} s")
+    print(json.dumps({k: round(metrics[k]["AP"], 4) for k, _, _ in ROWS if (metrics.get(k) or {}).get("AP") is not None}))
     return 0

@@ -1,0 +1,168 @@
+"""Train the pretrained stand-ins of the CPU demo (run once, in the background; hours of CPU).
+
+CAST starts from pretrained models: a vision-foundation-model teacher and a DINOv2 student
+encoder. Neither can be downloaded on the machines the demo targets (2 CPU cores, no network),
+and a Mask2Former-style model trained from scratch on such a machine learns too slowly for a
+demo. So castseg ships two small stand-ins, trained here on a *source domain* that is disjoint
+from the demo's *target domain* by modality, never by chance:
+
+- source: the grey (fluorescence + brightfield) DSB2018 stage-1 images in the train part of the
+  benchmark protocol's split (seed 0, val 15%: ``castseg split --val-fraction 0.15 --seed 0``),
+  so no protocol val image is ever seen;
+- target: the colour (H&E histology) images, the embedded default
+  (``src/castseg/assets/dsb2018_histology``); none of them is in the source.
+
+Outputs (``--out``, default ``src/castseg/assets/standins``), fp16 safetensors:
+
+- ``teacher/`` — a castseg checkpoint of the ``teacher_cpu`` preset (11.7M parameters, 7.5x the
+  ``tiny`` student; the paper's ratio is 11x), supervised on the source set;
+- ``student_encoder/`` — the DINOv2-architecture encoder (``config.json`` + ``model.safetensors``,
+  loadable with ``encoder_name: <folder>, pretrained: true``) of a ``tiny`` student supervised on
+  the same source set. DINOv2 itself is self-supervised; this stand-in is supervised on the
+  source modality (documented in ``recipe.json``);
+- ``recipe.json`` — this command, the settings, the source image list (+ sha256 of the list and
+  of every input image), source-val AP of each model, wall times and the output hashes.
+
+    python tools/train_standins.py ../shared/data/dsb2018-stage1-train/stage1_train
+
+Resumable: re-running continues an interrupted training from its last checkpoint in ``--work``.
+``--which teacher`` / ``--which student`` trains one of the two (e.g. in two processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "src" / "castseg" / "assets" / "standins"
+
+# name -> (model section, train section); one recipe, written down here and in recipe.json
+MODELS = {
+    "teacher": ({"preset": "teacher_cpu", "num_queries": 200},
+                {"max_steps": 1000, "lr": 7e-4, "warmup_steps": 100}),
+    "student": ({"preset": "tiny", "num_queries": 200},
+                {"max_steps": 2500, "lr": 1e-3, "warmup_steps": 100}),
+}
+COMMON_TRAIN = {"batch_size": 4, "backbone_lr_mult": 1.0, "weight_decay": 0.05, "schedule": "poly",
+                "grad_clip": 1.0, "ckpt_every": 100, "log_every": 20, "seed": 0, "device": "cpu"}
+DATA = {"crop_size": [224, 224], "scale_range": [0.6, 1.5], "hflip": 0.5, "vflip": 0.5, "strong_view": False,
+        "val_max_size": 512}
+LOSS = {"num_points": 2048}
+EVAL = {"max_dets": 400, "topk": 200, "max_size": 512}
+SPLIT = {"seed": 0, "val_fraction": 0.15, "labeled_fraction": 0.1}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def source_sets(dsb: Path, work: Path) -> tuple[Path, Path, list[str]]:
+    """Convert DSB2018, split it like the benchmark protocol and keep the grey images:
+    returns ``(source train json, source val json, source train file names)``."""
+    from castseg.data.coco_io import load_coco, write_json
+    from castseg.data.convert import convert
+    from castseg.data.split import make_split
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_embedded_default import is_colour
+
+    all_json = work / "dsb2018_all.json"
+    if not all_json.is_file():
+        print(f"converting {dsb} ...", flush=True)
+        write_json(convert("mask-folders", dsb), all_json)
+    coco = load_coco(all_json)
+    split = make_split(coco, seed=SPLIT["seed"], labeled_fraction=SPLIT["labeled_fraction"],
+                       val_fraction=SPLIT["val_fraction"])
+    out = []
+    for name, ids in (("source_train", set(split.labeled) | set(split.unlabeled)), ("source_val", set(split.val))):
+        grey = {img["id"] for img in coco.images if img["id"] in ids and not is_colour(coco.image_path(img))}
+        d = coco.to_dict()
+        d["images"] = [i for i in d["images"] if i["id"] in grey]
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] in grey]
+        d["images_root"] = os.path.relpath(coco.images_root, work)
+        write_json(d, work / f"{name}.json")
+        out.append(work / f"{name}.json")
+        print(f"{name}: {len(d['images'])} grey images, {len(d['annotations'])} nuclei", flush=True)
+    train = load_coco(out[0])
+    return out[0], out[1], sorted(img["file_name"] for img in train.images)
+
+
+def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
+    import torch
+
+    from castseg import stages
+    from castseg.models import StudentConfig, build_student
+
+    model_cfg, train_cfg = MODELS[which]
+    cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
+           "data": {**DATA, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
+    torch.manual_seed(0)
+    model = build_student(StudentConfig.from_dict(cfg["model"]))
+    t0 = time.perf_counter()
+    r = stages.train_stage(which, model, cfg, work, ["nucleus"], 0.0, 0.0)
+    return {"config": cfg, "checkpoint": r["checkpoint"], "source_val": r.get("val"),
+            "seconds_this_process": round(time.perf_counter() - t0, 1)}
+
+
+def export(which: str, result: dict, out: Path) -> dict:
+    """fp16 copies of the trained weights in ``out``; returns their hashes."""
+    from castseg.models import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(result["checkpoint"])
+    model.half()
+    if which == "teacher":
+        dest = out / "teacher"
+        save_checkpoint(dest, model, None, meta["class_names"], meta["step"],
+                        extra={"stand_in": "teacher", "source_val": result["source_val"], "dtype": "float16"})
+        files = [dest / "model.safetensors", dest / "model.json"]
+    else:
+        dest = out / "student_encoder"
+        model.encoder.vit.save_pretrained(dest, safe_serialization=True)
+        files = [dest / "model.safetensors", dest / "config.json"]
+    return {str(f.relative_to(out)): {"sha256": _sha(f), "bytes": f.stat().st_size} for f in files}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dsb", type=Path, help="DSB2018 stage1_train folder (one folder per image)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "standins", help="training runs (resumable)")
+    ap.add_argument("--which", choices=("teacher", "student", "both"), default="both")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_json, val_json, names = source_sets(args.dsb, args.work)
+    which = ("teacher", "student") if args.which == "both" else (args.which,)
+    recipe_path = args.out / "recipe.json"
+    root = Path(json.loads(train_json.read_text())["images_root"])
+    common = {
+        "command": "python tools/train_standins.py <dsb2018-stage1-train>/stage1_train",
+        "source": {"rule": "grey DSB2018 stage-1 images (RGB channels identical) in the train part of "
+                           f"`castseg split --seed {SPLIT['seed']} --val-fraction {SPLIT['val_fraction']}`",
+                   "num_images": len(names), "file_names": names,
+                   "file_names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+                   "image_sha256": {n: _sha((train_json.parent / root / n)) for n in names}},
+        "target": "colour (H&E histology) DSB2018 images: the embedded default; none is in the source",
+    }
+    for w in which:
+        res = train_one(w, train_json, val_json, args.work)
+        files = export(w, res, args.out)
+        # read again: the other model may have been written by a parallel process meanwhile
+        recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+        recipe.update(common)
+        res["torch_threads"] = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+        recipe.setdefault("models", {})[w] = {**{k: v for k, v in res.items() if k != "checkpoint"},
+                                              "files": files}
+        recipe_path.parent.mkdir(parents=True, exist_ok=True)
+        recipe_path.write_text(json.dumps(recipe, indent=1) + "\n")
+        print(f"{w}: source-val AP {res['source_val'] and res['source_val'].get('AP')}; wrote {sorted(files)}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
