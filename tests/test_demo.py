@@ -1,10 +1,17 @@
 """`castseg demo` on the embedded default: the path `make demo` runs."""
 
 import json
+import os
+from pathlib import Path
+
+import pytest
 
 from castseg import cli
-from castseg.commands.demo import embedded_default
+from castseg.commands.demo import embedded_default, standins
 from castseg.data.coco_io import load_coco
+from castseg.models import load_checkpoint
+
+SHARED_DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
 
 
 def test_embedded_default_is_valid_and_complete():
@@ -14,17 +21,78 @@ def test_embedded_default_is_valid_and_complete():
     assert all(coco.image_path(img).exists() for img in coco.images)
 
 
-def test_demo_quick_writes_splits_predictions_and_metrics(tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_standins_are_small_fp16_and_match_their_recipe():
+    import hashlib
+
+    teacher, encoder = standins()
+    recipe = json.loads((teacher.parent / "recipe.json").read_text())
+    for model in ("teacher", "student"):
+        for rel, info in recipe["models"][model]["files"].items():
+            f = teacher.parent / rel
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == info["sha256"], rel
+    # the target domain (embedded histology images) is never in the stand-ins' source data
+    target = {Path(img["file_name"]).stem for img in load_coco(embedded_default()).images}
+    source = {Path(n).stem for n in recipe["source"]["file_names"]}
+    assert source and not source & target
+    from safetensors import safe_open
+
+    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    model, meta = load_checkpoint(teacher)  # fp16 on disk, fp32 in memory
+    assert next(model.parameters()).dtype.is_floating_point and next(model.parameters()).dtype.itemsize == 4
+    student_params = 1.56e6
+    assert 6 < sum(p.numel() for p in model.parameters()) / student_params < 12
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    row = metrics["classical_baseline"]
-    assert 0.0 < row["AP"] <= row["AP50"] <= 1.0
-    assert metrics["val_images"] == 5
-    manifest = json.loads((out / "splits" / "split.json").read_text())
-    assert manifest["counts"] == {"images": 107, "labeled": 9, "unlabeled": 82, "val": 16,
-                                  "labeled_annotations": manifest["counts"]["labeled_annotations"],
-                                  "val_annotations": manifest["counts"]["val_annotations"]}
-    preds = json.loads((out / "predictions" / "classical_val.json").read_text())
-    assert preds and {"image_id", "category_id", "score", "segmentation"} <= set(preds[0])
-    assert "mask AP" in capsys.readouterr().out
+    return out
+
+
+def test_demo_quick_runs_all_stages_and_prints_the_table(quick_demo, capsys):
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    for key in ("teacher_zero_shot", "teacher_adapted", "student_supervised", "student_distilled",
+                "student_refined", "classical_baseline"):
+        assert 0.0 <= metrics[key]["AP"] <= metrics[key]["AP50"] <= 1.0, key
+    eff = metrics["efficiency"]
+    assert eff["teacher (adapted)"]["params"] > 5 * eff["student (refined)"]["params"]
+    assert (quick_demo / "report.html").is_file()
+    manifest = json.loads((quick_demo / "splits" / "split.json").read_text())
+    assert {k: manifest["counts"][k] for k in ("images", "labeled", "unlabeled", "val")} == \
+        {"images": 107, "labeled": 9, "unlabeled": 82, "val": 16}
+    for stage, steps in (("adapt/a", 3), ("distill", 6), ("refine", 3), ("supervised", 3)):
+        log = (quick_demo / stage / "log.csv").read_text().splitlines()
+        assert len(log) == steps + 1, stage  # header + one row per step: the quick budget was used
+
+
+def test_demo_student_predicts_on_other_nuclei_images(quick_demo, tmp_path):
+    ckpt = json.loads((quick_demo / "metrics.json").read_text())["student_refined"]["checkpoint"]
+    _, meta = load_checkpoint(ckpt)
+    assert meta["architecture"]["pretrained"] is False  # rebuilds offline, without the stand-in folder
+    if SHARED_DSB.is_dir():  # grey fluorescence images: another modality than the demo's
+        images = sorted(SHARED_DSB.glob("*/images/*.png"))[:2]
+    else:
+        images = [load_coco(embedded_default()).image_path(i) for i in load_coco(embedded_default()).images[:2]]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "preds"
+    assert cli.main(["predict", "--checkpoint", ckpt, "--images", str(folder), "--out", str(out)]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    assert isinstance(preds, list)
+    assert len(list(out.glob("*.png"))) == 2  # one overlay per image
+
+
+def test_demo_pretrained_fails_fast_offline(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    assert cli.main(["demo", "--pretrained", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreachable" in err[0] and "IDEA-Research/grounding-dino-base" in err[0]
+    assert not (tmp_path / "d" / "splits").exists()  # failed before any work

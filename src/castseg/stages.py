@@ -254,9 +254,15 @@ def run_distill(cfg: dict[str, Any], run_dir: Path, teacher_ckpt: str | Path, me
 
 def run_refine(cfg: dict[str, Any], run_dir: Path, student: torch.nn.Module, metrics: dict[str, Any],
                resume: bool = True, key: str = "student_refined", name: str = "refine") -> torch.nn.Module:
-    """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``."""
-    r = train_stage(name, student, cfg, run_dir, _class_names(cfg), 0.0, 0.0,
-                    stage_train=(cfg.get("refine") or {}).get("train"), resume=resume)
+    """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``.
+
+    The baseline (``name="supervised"``) trains with the config's ``supervised.train`` when
+    given (e.g. as many steps as distill + refine, so a comparison is about data, not
+    iterations), else with stage 3's budget as in the paper."""
+    stage = (cfg.get("refine") or {}).get("train")
+    if name == "supervised" and (cfg.get("supervised") or {}).get("train"):
+        stage = cfg["supervised"]["train"]
+    r = train_stage(name, student, cfg, run_dir, _class_names(cfg), 0.0, 0.0, stage_train=stage, resume=resume)
     metrics[key] = _row(r)
     return student
 

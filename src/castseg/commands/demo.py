@@ -108,6 +108,7 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
     from castseg.config import load_config
 
     quick = ["adapt.train.max_steps=3", "distill.train.max_steps=6", "refine.train.max_steps=3",
+             "supervised.train.max_steps=3",
              "train.ckpt_every=0", "train.log_every=1", "eval.topk=100"] if args.quick else []
     cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}", *args.overrides])
     labeled, unlabeled, val = files["labeled"], files["unlabeled"], files["val"]
@@ -174,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
     from castseg.data.coco_io import load_coco, write_json
     from castseg.data.split import make_split, write_split
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the demo's own output
     t0 = time.perf_counter()
     out = Path(args.out)
     ann = Path(args.data) if args.data else embedded_default()

@@ -1,0 +1,216 @@
+"""The DSB2018 protocol benchmark: CAST's claims measured at CPU scale (not a test).
+
+Two protocols, both starting from the pretrained stand-ins (``assets/standins``, trained on the
+grey DSB2018 train images by ``tools/train_standins.py``) with the demo's CPU presets
+(``assets/demo.yaml``):
+
+- ``dsb664``: all 664 images of ../shared/data/dsb2018-stage1-train, a fixed seeded 85/15
+  train/val split (``castseg split --seed 0 --val-fraction 0.15``), 10% of train labeled, the
+  rest unlabeled. Caveat: the stand-ins were trained on the grey images of this train split
+  (never on val), so here the "zero-shot" teacher is in-domain for most images.
+- ``domain``: the domain-shift variant, closest to the paper: the same protocol on the colour
+  (H&E histology) images only — the embedded default, a modality the stand-ins never saw.
+
+Variants (``--variants``): ``table1`` (all stages + supervised-only: the Table-1 analogue),
+``fractionF`` (table1 with F% labels), ``noadapt`` (distil from the un-adapted teacher, then
+refine), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
++L_semi, +L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
+``_class`` (L_pxl's negative sampler; ``table1`` is fused). Ablations distil from the adapted
+teacher of ``table1`` with the same seed. Every run is a folder under ``--out`` and resumes.
+
+    python benchmarks/dsb_protocol.py --protocol domain --variants table1 --seeds 0 1 2
+    python benchmarks/dsb_protocol.py --protocol dsb664 --variants table1 noadapt fraction5 fraction30
+    python benchmarks/dsb_protocol.py --protocol domain --variants loss_sup loss_semi loss_pxl
+    python benchmarks/dsb_protocol.py --efficiency
+    python benchmarks/dsb_protocol.py --render          # markdown tables of everything run so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DSB = ROOT.parent / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
+ROWS = [("teacher_zero_shot", "teacher zero-shot"), ("teacher_adapted", "teacher adapted (CAST stage 1)"),
+        ("student_supervised", "student supervised-only"), ("student_distilled", "student distilled"),
+        ("student_refined", "student refined (CAST)")]
+# protocol-specific settings on top of assets/demo.yaml
+PROTOCOL_OVERRIDES = {
+    "domain": [],
+    # DSB images are up to 1388 px wide and hold up to 375 nuclei
+    "dsb664": ["eval.max_dets=400", "eval.topk=200", "data.val_max_size=512", "pseudo_labels.max_size=512"],
+}
+ABLATIONS = {
+    "loss_sup": ["loss.lambda_semi=0", "loss.lambda_pxl=0"], "loss_semi": ["loss.lambda_pxl=0"],
+    "loss_pxl": ["loss.lambda_semi=0"], "sampler_uniform": ["loss.sampler=uniform"],
+    "sampler_mask": ["loss.sampler=mask"], "sampler_class": ["loss.sampler=class"],
+}
+
+
+def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[str, Path]:
+    from castseg.commands.demo import embedded_default
+    from castseg.data.coco_io import load_coco, write_json
+    from castseg.data.convert import convert
+    from castseg.data.split import make_split, write_split
+
+    if protocol == "domain":
+        ann, split_seed = embedded_default(), seed  # the demo's protocol: split seed = run seed
+    else:
+        ann, split_seed = out / "dsb2018_all.json", 0  # one fixed split; seeds vary training only
+        if not ann.is_file():
+            if not DSB.is_dir():
+                sys.exit(f"{DSB} not found: the dsb664 protocol needs ../shared/data beside the project")
+            write_json(convert("mask-folders", DSB), ann)
+    coco = load_coco(ann)
+    folder = out / "splits" / f"{protocol}_s{split_seed}_{round(fraction * 100)}"
+    split = make_split(coco, seed=split_seed, labeled_fraction=fraction, val_fraction=0.15)
+    return write_split(coco, split, folder, split_seed, fraction, 0.15)
+
+
+def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path) -> dict:
+    from castseg.commands.demo import asset, standins
+    from castseg.config import load_config
+
+    files = split_files(protocol, seed, fraction, out)
+    cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
+    teacher, encoder = standins()
+    cfg["data"].update({k: str(files[k].resolve()) for k in ("labeled", "unlabeled", "val")})
+    cfg["teacher"] = {"type": "checkpoint", "path": str(teacher)}
+    cfg["model"]["encoder_name"] = str(encoder)
+    return cfg
+
+
+def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
+    from castseg import stages
+    from castseg.config import save_resolved
+    from castseg.data.coco_io import write_json
+    from castseg.models import load_checkpoint
+
+    fraction = int(variant[len("fraction"):]) / 100 if variant.startswith("fraction") else 0.1
+    run_dir = out / protocol / f"{variant}_s{seed}"
+    done = run_dir / "metrics.json"
+    if done.is_file() and json.loads(done.read_text()).get("complete"):
+        return json.loads(done.read_text())
+    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, [])], out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    if variant == "table1" or variant.startswith("fraction"):
+        metrics = stages.run_all(copy.deepcopy(cfg), run_dir)
+    elif variant == "noadapt":
+        metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg["teacher"]["path"], cfg)}
+        student = stages.run_distill(cfg, run_dir, cfg["teacher"]["path"], metrics)
+        stages.run_refine(cfg, run_dir, student, metrics)
+    elif variant in ABLATIONS:
+        base = run_variant(protocol, "table1", seed, out, extra)
+        metrics = {}
+        stages.run_distill(cfg, run_dir, base["teacher_adapted"]["checkpoint"], metrics)
+    else:
+        sys.exit(f"unknown variant {variant!r}")
+    metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    write_json(metrics, done, indent=1)
+    return metrics
+
+
+def efficiency(sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from castseg.bench import time_fn
+    from castseg.commands.demo import standins
+    from castseg.models import StudentConfig, build_student, load_checkpoint
+
+    teacher, _ = load_checkpoint(standins()[0])
+    student = build_student(StudentConfig.from_preset("tiny", num_queries=200)).eval()
+    rows = []
+    for h, w in sizes:
+        x = torch.rand(1, 3, h, w)
+        for name, net in (("teacher (stand-in)", teacher), ("student (tiny)", student)):
+            with FlopCounterMode(display=False) as fc:
+                net(x)
+            with torch.no_grad():
+                t = time_fn(lambda: net(x), repeats=repeats)
+            rows.append({"input": f"{h}x{w}", "model": name, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+                         "gflops": fc.get_total_flops() / 1e9, "median_ms": t["median_ms"],
+                         "threads": torch.get_num_threads()})
+    return rows
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _mean_sd(vals: list[float]) -> str:
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+
+
+def render(out: Path) -> str:
+    lines = []
+    for protocol in ("domain", "dsb664"):
+        runs = {}
+        for f in sorted((out / protocol).glob("*_s*/metrics.json")):
+            m = json.loads(f.read_text())
+            if m.get("complete"):
+                variant, seed = f.parent.name.rsplit("_s", 1)
+                runs.setdefault(variant, {})[int(seed)] = m
+        if not runs:
+            continue
+        lines += [f"### protocol `{protocol}`", ""]
+        for variant in sorted(runs):
+            seeds = runs[variant]
+            lines += [f"**{variant}** (seeds {sorted(seeds)}; minutes per run "
+                      f"{', '.join(str(round(m['seconds'] / 60, 1)) for m in seeds.values())})", "",
+                      "| model | mask AP | AP50 |", "|---|---|---|"]
+            for key, label in ROWS:
+                ap = [m[key]["AP"] for m in seeds.values() if (m.get(key) or {}).get("AP") is not None]
+                ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]
+                if ap:
+                    lines.append(f"| {label} | {_mean_sd(ap)} | {_mean_sd(ap50)} |")
+            lines.append("")
+    eff = out / "efficiency.json"
+    if eff.is_file():
+        lines += ["### efficiency", "", "| input | model | params (M) | GFLOPs | median ms | threads |",
+                  "|---|---|---|---|---|---|"]
+        for r in json.loads(eff.read_text()):
+            lines.append(f"| {r['input']} | {r['model']} | {r['params_M']:.2f} | {r['gflops']:.2f} | "
+                         f"{r['median_ms']:.1f} | {r['threads']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", choices=sorted(PROTOCOL_OVERRIDES), default="domain")
+    ap.add_argument("--variants", nargs="*", default=[])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dsb_protocol")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="config overrides for every run (e.g. a smoke run: distill.train.max_steps=4)")
+    ap.add_argument("--efficiency", action="store_true", help="params / GFLOPs / latency, teacher vs student")
+    ap.add_argument("--render", action="store_true", help="print markdown tables of the finished runs")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for variant in args.variants:
+        for seed in args.seeds:
+            m = run_variant(args.protocol, variant, seed, args.out, args.set)
+            print(f"{args.protocol} {variant} seed {seed}: " + ", ".join(
+                f"{k} {m[k]['AP']:.3f}" for k, _ in ROWS if (m.get(k) or {}).get("AP") is not None), flush=True)
+    if args.efficiency:
+        rows = efficiency([(256, 320), (512, 512)], repeats=10)
+        (args.out / "efficiency.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if args.render:
+        print(render(args.out))
+
+
+if __name__ == "__main__":
+    main()
