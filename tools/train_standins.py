@@ -42,12 +42,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "castseg" / "assets" / "standins"
 
-# name -> (model section, train section); one recipe, written down here and in recipe.json
+# name -> (model section, [train section of each phase]); one recipe, written down here and in
+# recipe.json. Phase k>1 starts from phase k-1's weights with a fresh optimizer and schedule.
 MODELS = {
     "teacher": ({"preset": "teacher_cpu", "num_queries": 200},
-                {"max_steps": 1000, "lr": 7e-4, "warmup_steps": 100}),
+                [{"max_steps": 1000, "lr": 7e-4, "warmup_steps": 100},
+                 {"max_steps": 500, "lr": 5e-4, "warmup_steps": 20}]),
     "student": ({"preset": "tiny", "num_queries": 200},
-                {"max_steps": 2500, "lr": 1e-3, "warmup_steps": 100}),
+                [{"max_steps": 2500, "lr": 1e-3, "warmup_steps": 100},
+                 {"max_steps": 1500, "lr": 5e-4, "warmup_steps": 20}]),
 }
 COMMON_TRAIN = {"batch_size": 4, "backbone_lr_mult": 1.0, "weight_decay": 0.05, "schedule": "poly",
                 "grad_clip": 1.0, "ckpt_every": 100, "log_every": 20, "seed": 0, "device": "cpu"}
@@ -97,16 +100,23 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
     import torch
 
     from castseg import stages
-    from castseg.models import StudentConfig, build_student
+    from castseg.models import StudentConfig, build_student, load_checkpoint
 
-    model_cfg, train_cfg = MODELS[which]
-    cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
-           "data": {**DATA, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
+    model_cfg, phases = MODELS[which]
     torch.manual_seed(0)
-    model = build_student(StudentConfig.from_dict(cfg["model"]))
+    model = build_student(StudentConfig.from_dict({**model_cfg, "num_classes": 1}))
     t0 = time.perf_counter()
-    r = stages.train_stage(which, model, cfg, work, ["nucleus"], 0.0, 0.0)
-    return {"config": cfg, "checkpoint": r["checkpoint"], "source_val": r.get("val"),
+    done = []
+    for k, train_cfg in enumerate(phases, 1):
+        cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
+               "data": {**DATA, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
+        name = which if k == 1 else f"{which}_phase{k}"
+        if k > 1:  # phase k starts from phase k-1's final weights
+            model.load_state_dict(load_checkpoint(done[-1]["checkpoint"])[0].state_dict())
+        r = stages.train_stage(name, model, cfg, work, ["nucleus"], 0.0, 0.0)
+        done.append({"config": cfg, "checkpoint": r["checkpoint"], "source_val": r.get("val")})
+    return {"phases": [{k: v for k, v in d.items() if k != "checkpoint"} for d in done],
+            "checkpoint": done[-1]["checkpoint"], "source_val": done[-1]["source_val"],
             "seconds_this_process": round(time.perf_counter() - t0, 1)}
 
 

@@ -58,7 +58,7 @@ def _autocast(amp: str, device: torch.device):
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, data: Dataset | str | Path, batch_size: int = 2,
+def predict_dataset(model: nn.Module, data: Dataset | str | Path, batch_size: int = 1,
                     device: str | torch.device | None = None, topk: int = 100, max_size: int | None = None,
                     min_size: int | None = None, cat_ids: Sequence[int] | None = None,
                     images_root: str | Path | None = None, mask_threshold: float = 0.5,

@@ -192,7 +192,7 @@ def _merge(out: Path, chunk_ids: list[list[int]], manifest: dict[str, Any]) -> d
 
 def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
                            teacher_info: dict[str, Any] | None = None, images_root: str | Path | None = None,
-                           class_names: Sequence[str] | None = None, batch_size: int = 2, min_score: float = 0.05,
+                           class_names: Sequence[str] | None = None, batch_size: int = 1, min_score: float = 0.05,
                            chunk_size: int = 64, max_size: int | None = None, overwrite: bool = False,
                            progress: bool = True, num_workers: int = 0) -> dict[str, Any]:
     """Pseudo-label ``images`` (COCO json or folder) with ``teacher`` (``predict(images [B,3,H,W]
