@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--labeled-fraction", type=float, default=0.1)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (≤ 3 min): a few steps per stage, 8 unlabeled and 6 val images")
+                   help="smoke run (≤ 3 min): a few steps per stage, 6 unlabeled and 4 val images")
     p.add_argument("--pretrained", action="store_true",
                    help="the paper's models from the hub (Grounding DINO + SAM2 teacher, DINOv2-S student) "
                    "instead of the stand-ins; needs the network (or a filled HF cache) and, in practice, a GPU")
@@ -107,14 +107,14 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
     """assets/demo.yaml + the split's files + the models (stand-ins or hub) + overrides."""
     from castseg.config import load_config
 
-    quick = ["adapt.train.max_steps=3", "distill.train.max_steps=6", "refine.train.max_steps=3",
-             "supervised.train.max_steps=3",
+    quick = ["adapt.train.max_steps=2", "distill.train.max_steps=4", "refine.train.max_steps=2",
+             "supervised.train.max_steps=2",
              "train.ckpt_every=0", "train.log_every=1", "eval.topk=100"] if args.quick else []
     cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}", *args.overrides])
     labeled, unlabeled, val = files["labeled"], files["unlabeled"], files["val"]
     if args.quick:
-        unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 8)
-        val = _subset(val, out / "splits" / "val_quick.json", 6)
+        unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 6)
+        val = _subset(val, out / "splits" / "val_quick.json", 4)
     cfg["data"].update(labeled=str(labeled.resolve()), unlabeled=str(unlabeled.resolve()), val=str(val.resolve()))
     if args.pretrained:
         cfg["teacher"] = dict(PRETRAINED_TEACHER)
