@@ -149,3 +149,17 @@ def test_bad_json_and_mismatched_architecture(tmp_path):
 def test_class_names_must_match_num_classes(tmp_path):
     with pytest.raises(CastsegError, match="1 class names given for a model with 2 classes"):
         save_checkpoint(tmp_path / "ckpt", make(), None, ["only-one"], 0)
+
+
+def test_int8_checkpoint_is_smaller_and_close(tmp_path):
+    torch.manual_seed(0)
+    model = build_student(StudentConfig.from_preset("tiny", num_classes=2)).eval()
+    save_checkpoint(tmp_path / "f32", model, None, ["a", "b"], 0)
+    save_checkpoint(tmp_path / "i8", model, None, ["a", "b"], 0, quantize="int8")
+    assert (tmp_path / "i8" / "model.safetensors").stat().st_size < 0.4 * (tmp_path / "f32" / "model.safetensors").stat().st_size
+    loaded, meta = load_checkpoint(tmp_path / "i8")
+    assert meta["weights"]["quantization"] == "int8"
+    for k, v in model.state_dict().items():
+        w = loaded.state_dict()[k]
+        assert w.dtype == v.dtype and w.shape == v.shape
+        assert (w - v).abs().max() <= v.abs().max() / 127 + 1e-6, k  # at most one int8 step per row

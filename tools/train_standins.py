@@ -121,7 +121,8 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
 
 
 def export(which: str, result: dict, out: Path) -> dict:
-    """fp16 copies of the trained weights in ``out``; returns their hashes."""
+    """Small copies of the trained weights in ``out`` (teacher: int8 weight matrices, fp16 rest;
+    encoder: fp16); returns their hashes."""
     from castseg.models import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(result["checkpoint"])
@@ -129,7 +130,8 @@ def export(which: str, result: dict, out: Path) -> dict:
     if which == "teacher":
         dest = out / "teacher"
         save_checkpoint(dest, model, None, meta["class_names"], meta["step"],
-                        extra={"stand_in": "teacher", "source_val": result["source_val"], "dtype": "float16"})
+                        extra={"stand_in": "teacher", "source_val": result["source_val"], "dtype": "float16+int8"},
+                        quantize="int8")
         files = [dest / "model.safetensors", dest / "model.json"]
     else:
         dest = out / "student_encoder"

@@ -55,12 +55,43 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+SCALE_SUFFIX = ".__int8_scale__"
+
+
+def quantize_int8(state: dict[str, torch.Tensor], min_numel: int = 4096) -> dict[str, torch.Tensor]:
+    """Symmetric per-row int8 for float tensors of >= 2 dims and ``min_numel`` elements (scale
+    ``[rows]`` fp32 under ``key + SCALE_SUFFIX``); every other tensor is kept as it is."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2 and v.numel() >= min_numel:
+            rows = v.float().reshape(v.shape[0], -1)
+            scale = (rows.abs().amax(1) / 127).clamp_min(1e-12)
+            out[k] = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(v.shape).contiguous()
+            out[k + SCALE_SUFFIX] = scale.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`quantize_int8` (fp32 values)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(k + SCALE_SUFFIX)
+        out[k] = v if scale is None else (v.float().reshape(v.shape[0], -1) * scale[:, None]).reshape(v.shape)
+    return out
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict | None, class_names: Sequence[str],
-                    step: int, extra: dict | None = None) -> Path:
+                    step: int, extra: dict | None = None, quantize: str | None = None) -> Path:
     """Write ``model`` (a :class:`~castseg.models.student.StudentModel`) and its metadata.
 
     ``config``: the run config (JSON-able dict, stored as is); ``class_names``: one per class,
-    in class-index order; ``extra``: any JSON-able additions (metrics, stage name...).
+    in class-index order; ``extra``: any JSON-able additions (metrics, stage name...);
+    ``quantize="int8"`` stores large weight matrices as per-row int8 (about half of fp16's size;
+    for shipped assets — :func:`load_checkpoint` restores fp32).
     Returns the json path.
     """
     from safetensors.torch import save_file
@@ -76,7 +107,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict | None, cla
     fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
     os.close(fd)
     try:
-        save_file(_cpu_state(model), tmp, metadata={"format": FORMAT})
+        if quantize not in (None, "int8"):
+            raise CastsegError(f"quantize must be None or 'int8', got {quantize!r}")
+        state = quantize_int8(_cpu_state(model)) if quantize else _cpu_state(model)
+        save_file(state, tmp, metadata={"format": FORMAT})
         digest, size = sha256_file(tmp), os.path.getsize(tmp)
         os.replace(tmp, weights)
     except BaseException:
@@ -89,7 +123,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict | None, cla
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "architecture": arch, "class_names": list(class_names), "step": int(step),
-        "weights": {"file": weights.name, "sha256": digest, "bytes": size},
+        "weights": {"file": weights.name, "sha256": digest, "bytes": size,
+                    **({"quantization": "int8"} if quantize else {})},
         "config": config or {}, "extra": extra or {},
     }
     write_json(meta, meta_path, indent=2)
@@ -148,6 +183,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
         raise InputError(meta_path, f"cannot rebuild the architecture: {type(e).__name__}: {e}") from None
     try:
         state = load_file(str(weights))
+        if meta["weights"].get("quantization") == "int8":
+            state = dequantize_int8(state)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise InputError(weights, f"not a readable safetensors file ({e})") from None
     own = model.state_dict()
