@@ -70,7 +70,7 @@ def source_sets(dsb: Path, work: Path) -> tuple[Path, Path, list[str]]:
     returns ``(source train json, source val json, source train file names)``."""
     from castseg.data.coco_io import load_coco, write_json
     from castseg.data.convert import convert
-    from castseg.data.split import make_split
+    from castseg.data.split import coco_subset, make_split
 
     sys.path.insert(0, str(ROOT / "tools"))
     from make_embedded_default import is_colour
@@ -84,11 +84,8 @@ def source_sets(dsb: Path, work: Path) -> tuple[Path, Path, list[str]]:
                        val_fraction=SPLIT["val_fraction"])
     out = []
     for name, ids in (("source_train", set(split.labeled) | set(split.unlabeled)), ("source_val", set(split.val))):
-        grey = {img["id"] for img in coco.images if img["id"] in ids and not is_colour(coco.image_path(img))}
-        d = coco.to_dict()
-        d["images"] = [i for i in d["images"] if i["id"] in grey]
-        d["annotations"] = [a for a in d["annotations"] if a["image_id"] in grey]
-        d["images_root"] = os.path.relpath(coco.images_root, work)
+        grey = [img["id"] for img in coco.images if img["id"] in ids and not is_colour(coco.image_path(img))]
+        d = coco_subset(coco, grey, work)
         write_json(d, work / f"{name}.json")
         out.append(work / f"{name}.json")
         print(f"{name}: {len(d['images'])} grey images, {len(d['annotations'])} nuclei", flush=True)

@@ -169,8 +169,8 @@ class EvalConfig(Section):
 # Top-level sections: a dataclass (checked, defaults filled) or None (free-form mapping).
 SECTIONS: dict[str, type | None] = {
     "model": StudentConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
-    "teacher": None, "loss": None, "pseudo_labels": None, "adapt": None, "distill": None, "refine": None, "supervised": None,
-    "export": None, "report": None,
+    "teacher": None, "loss": None, "pseudo_labels": None, "adapt": None, "distill": None, "refine": None,
+    "supervised": None, "export": None, "report": None,
 }
 
 

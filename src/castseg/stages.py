@@ -253,15 +253,11 @@ def run_distill(cfg: dict[str, Any], run_dir: Path, teacher_ckpt: str | Path, me
 
 
 def run_refine(cfg: dict[str, Any], run_dir: Path, student: torch.nn.Module, metrics: dict[str, Any],
-               resume: bool = True, key: str = "student_refined", name: str = "refine") -> torch.nn.Module:
-    """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``.
-
-    The baseline (``name="supervised"``) trains with the config's ``supervised.train`` when
-    given (e.g. as many steps as distill + refine, so a comparison is about data, not
-    iterations), else with stage 3's budget as in the paper."""
-    stage = (cfg.get("refine") or {}).get("train")
-    if name == "supervised" and (cfg.get("supervised") or {}).get("train"):
-        stage = cfg["supervised"]["train"]
+               resume: bool = True, key: str = "student_refined", name: str = "refine",
+               section: str = "refine") -> torch.nn.Module:
+    """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``, with the budget
+    of the config's ``<section>.train`` (stage 3's when that section is absent)."""
+    stage = (cfg.get(section) or {}).get("train") or (cfg.get("refine") or {}).get("train")
     r = train_stage(name, student, cfg, run_dir, _class_names(cfg), 0.0, 0.0, stage_train=stage, resume=resume)
     metrics[key] = _row(r)
     return student
@@ -282,7 +278,10 @@ def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: boo
     student = run_distill(cfg, run_dir, teacher, metrics, resume)
     write_json(metrics, run_dir / "metrics.json", indent=1)
     run_refine(cfg, run_dir, copy.deepcopy(student), metrics, resume)
-    run_refine(cfg, run_dir, initial_student(cfg), metrics, resume, key="student_supervised", name="supervised")
+    # The baseline's budget: `supervised.train` when given (e.g. distill + refine steps, so the
+    # comparison is about data, not iterations), else stage 3's as in the paper.
+    run_refine(cfg, run_dir, initial_student(cfg), metrics, resume, key="student_supervised", name="supervised",
+               section="supervised")
     write_json(metrics, run_dir / "metrics.json", indent=1)
     if report:
         from castseg.report import write_report

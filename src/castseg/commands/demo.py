@@ -92,14 +92,13 @@ def check_hub(ids: list[str]) -> None:
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
-    from castseg.data.coco_io import read_json, write_json
+    """The first ``n`` images of the split file ``src`` (with annotations where it has them)."""
+    from castseg.data.coco_io import load_coco, read_json, write_json
+    from castseg.data.split import coco_subset
 
-    d = read_json(src)
-    keep = {img["id"] for img in d["images"][:n]}
-    d["images"] = [i for i in d["images"] if i["id"] in keep]
-    if "annotations" in d:
-        d["annotations"] = [a for a in d["annotations"] if a["image_id"] in keep]
-    write_json(d, dst)
+    with_annotations = "annotations" in read_json(src)  # unlabeled.json has none
+    coco = load_coco(src, require_annotations=with_annotations)
+    write_json(coco_subset(coco, [img["id"] for img in coco.images[:n]], dst.parent, with_annotations), dst)
     return dst
 
 

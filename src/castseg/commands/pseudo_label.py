@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--images", required=True, help="unlabeled images: COCO json (its 'images') or a folder")
     p.add_argument("--images-root", default=None, help="for a COCO json: folder its file names are relative to")
     p.add_argument("--out", required=True, help="pseudo-label cache to write, e.g. pseudo.json")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward (1: padding in mixed-size batches changes ViT outputs)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward (1: padding in mixed-size batches changes ViT outputs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (under torchrun: cuda → cuda:LOCAL_RANK)")
     p.add_argument("--min-score", type=float, default=0.05,
                    help="keep instances scoring at least this (a floor that bounds the file size; the training "

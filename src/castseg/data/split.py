@@ -195,6 +195,21 @@ def _rel(path: str | Path, out_dir: Path) -> str:
     return images_root_entry(path, out_dir)  # same relative-path rule as the images root
 
 
+def coco_subset(coco: CocoData, ids: list[int], out_dir: str | Path, with_annotations: bool = True) -> dict[str, Any]:
+    """The images ``ids`` of ``coco`` (in that order, with their annotations unless
+    ``with_annotations`` is False) as a COCO dict to be written into ``out_dir`` (its
+    ``images_root`` points back at ``coco``'s images from there)."""
+    anns_by_image = coco.anns_by_image
+    out: dict[str, Any] = dict(coco.extra)
+    out["info"] = coco.info
+    out["images_root"] = images_root_entry(coco.images_root, out_dir)
+    out["images"] = [coco.image_by_id[i] for i in ids]
+    if with_annotations:
+        out["annotations"] = [a for i in ids for a in anns_by_image[i]]
+    out["categories"] = coco.categories
+    return out
+
+
 def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
                 labeled_fraction: float | None, val_fraction: float,
                 labeled_ids_file: str | Path | None = None) -> dict[str, Path]:
@@ -206,26 +221,15 @@ def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
         if (out_dir / name).resolve() == src:
             raise InputError(out_dir / name, "the output would overwrite the input file; choose another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = images_root_entry(coco.images_root, out_dir)
     anns_by_image = coco.anns_by_image
-
-    def part(ids: list[int], with_annotations: bool) -> dict[str, Any]:
-        # Ids are ascending, so outputs do not depend on the input's image order.
-        out: dict[str, Any] = dict(coco.extra)
-        out["info"] = coco.info
-        out["images_root"] = root
-        out["images"] = [coco.image_by_id[i] for i in ids]
-        if with_annotations:
-            out["annotations"] = [a for i in ids for a in anns_by_image[i]]
-        out["categories"] = coco.categories
-        return out
 
     written: dict[str, Path] = {}
     parts = [("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False)]
     if split.val:
         parts.append(("val", split.val, True))
     for name, ids, with_ann in parts:
-        write_json(part(ids, with_ann), out_dir / f"{name}.json")
+        # Ids are ascending, so outputs do not depend on the input's image order.
+        write_json(coco_subset(coco, ids, out_dir, with_ann), out_dir / f"{name}.json")
         written[name] = out_dir / f"{name}.json"
 
     n_ann = {name: sum(len(anns_by_image[i]) for i in ids) for name, ids, _ in parts}
@@ -233,7 +237,7 @@ def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
         "format": MANIFEST_FORMAT,
         "source": _rel(src, out_dir),
         "source_sha256": sha256_file(src),
-        "images_root": root,
+        "images_root": images_root_entry(coco.images_root, out_dir),
         "seed": seed,
         "labeled_fraction": labeled_fraction,
         "val_fraction": val_fraction,
