@@ -60,6 +60,7 @@ def test_ints_become_floats_where_floats_are_expected(tmp_path):
     ("train: {amp: fp32}\n", ["train.amp", "'bf16'"]),
     ("train: {max_steps: 0}\n", ["train.max_steps must be > 0"]),
     ("train: {betas: [0.9]}\n", ["train.betas", "expected 2 values"]),
+    ("data: {invert: 2}\n", ["data.invert must be in [0, 1]"]),
     ("train: [1, 2]\n", ["train", "mapping"]),
     ("- a\n- b\n", ["mapping of sections"]),
     ("train: {lr: [1\n", ["not valid YAML", "line"]),

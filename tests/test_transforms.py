@@ -105,6 +105,24 @@ def test_weak_view_reproducible_under_manual_seed():
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["masks"], b["masks"])
 
 
+def test_weak_view_invert_and_tint_recolour_only_real_pixels():
+    s = coloured_sample(40, 56)
+    s["image"][:] = 0.25  # grey
+    g = torch.Generator().manual_seed(0)
+    views = [WeakView(crop_size=(64, 64), scale_range=(1, 1), hflip=0, invert=1.0, tint=0.4)(s, g) for _ in range(8)]
+    for out in views:
+        real = out["image"][:, out["valid"]]
+        assert (out["image"][:, ~out["valid"]] == 0).all()  # padding stays 0, never inverted to 1
+        gains = real[:, 0] / 0.75  # inverted grey 0.75 times a gain per channel, same on every pixel
+        assert (gains >= 0.6 - 1e-6).all() and (gains <= 1.4 + 1e-6).all()
+        assert torch.allclose(real, (0.75 * gains)[:, None].clamp(max=1), atol=1e-6)
+    assert len({tuple(v["image"][:, 0, 0].tolist()) for v in views}) == 8  # grey became coloured
+    plain = WeakView(crop_size=(64, 64), scale_range=(1, 1), hflip=0)(s)
+    assert torch.equal(plain["image"][:, :40, :56], s["image"])  # off by default
+    with pytest.raises(ValueError, match="invert"):
+        WeakView(invert=1.5)
+
+
 def test_strong_view_identity_is_exact():
     img = torch.rand(3, 17, 23)
     assert torch.equal(StrongView.identity()(img), img)

@@ -43,11 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "castseg" / "assets" / "standins"
 
 # name -> (model section, [train section of each phase]); one recipe, written down here and in
-# recipe.json. Phase k>1 starts from phase k-1's weights with a fresh optimizer and schedule.
+# recipe.json. Phase k>1 starts from phase k-1's weights with a fresh optimizer and schedule. A
+# phase's "data" entry overrides DATA: the teacher's phase 3 inverts and tints the grey images, so
+# that a foundation-model stand-in is not tied to bright-on-dark grey (a VFM has seen every
+# polarity and colour; this one has seen only the source modality, re-coloured).
 MODELS = {
     "teacher": ({"preset": "teacher_cpu", "num_queries": 200},
                 [{"max_steps": 1000, "lr": 7e-4, "warmup_steps": 100},
-                 {"max_steps": 500, "lr": 5e-4, "warmup_steps": 20}]),
+                 {"max_steps": 500, "lr": 5e-4, "warmup_steps": 20},
+                 {"max_steps": 1600, "lr": 5e-4, "warmup_steps": 50, "data": {"invert": 0.5, "tint": 0.4}}]),
     "student": ({"preset": "tiny", "num_queries": 200},
                 [{"max_steps": 2500, "lr": 1e-3, "warmup_steps": 100},
                  {"max_steps": 1500, "lr": 5e-4, "warmup_steps": 20}]),
@@ -105,8 +109,10 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     done = []
     for k, train_cfg in enumerate(phases, 1):
+        train_cfg = dict(train_cfg)
+        data_cfg = {**DATA, **train_cfg.pop("data", {})}
         cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
-               "data": {**DATA, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
+               "data": {**data_cfg, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
         name = which if k == 1 else f"{which}_phase{k}"
         if k > 1:  # phase k starts from phase k-1's final weights
             model.load_state_dict(load_checkpoint(done[-1]["checkpoint"])[0].state_dict())

@@ -141,6 +141,8 @@ class DataConfig(Section):
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: float = 0.5
     vflip: float = 0.0
+    invert: float = 0.0                      # chance of 1 - image (WeakView)
+    tint: float = 0.0                        # per-channel gain in [1 - tint, 1 + tint] (WeakView)
     strong_view: bool = True
     unlabeled_batch_size: int | None = None  # None: train.batch_size
     size_divisibility: int = 32
@@ -149,6 +151,9 @@ class DataConfig(Section):
     def check(self, source: str, where: str) -> None:
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise InputError(source, f"{where}.scale_range must satisfy 0 < lo <= hi, got {list(self.scale_range)}")
+        if not (0 <= self.invert <= 1 and 0 <= self.tint < 1):
+            raise InputError(source, f"{where}.invert must be in [0, 1] and {where}.tint in [0, 1), "
+                                     f"got {self.invert}, {self.tint}")
 
 
 @dataclass

@@ -96,15 +96,23 @@ class WeakView:
     """Random resize (scale ~ U[scale_range] of the input size), random crop to ``crop_size``
     ``(h, w)`` (zero-padded bottom/right where the resized image is smaller; ``valid`` marks real
     pixels), horizontal/vertical flip. Output image ``[3,h,w]``, masks ``[N',h,w]`` with
-    instances that left the crop dropped. ``crop_size=None`` keeps the whole resized image."""
+    instances that left the crop dropped. ``crop_size=None`` keeps the whole resized image.
+
+    Photometric options for training on one modality a model must later meet in another (the
+    demo's stand-ins: grey fluorescence → colour histology): ``invert`` is the chance of
+    ``1 - image`` (bright-on-dark ↔ dark-on-bright), ``tint`` scales each channel by a gain in
+    ``[1 - tint, 1 + tint]`` (grey → coloured). Padding stays 0."""
 
     def __init__(self, crop_size: tuple[int, int] | None = None, scale_range: tuple[float, float] = (0.5, 2.0),
-                 hflip: float = 0.5, vflip: float = 0.0):
+                 hflip: float = 0.5, vflip: float = 0.0, invert: float = 0.0, tint: float = 0.0):
         if not (0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
+        if not (0 <= invert <= 1 and 0 <= tint < 1):
+            raise ValueError(f"invert must be in [0, 1] and tint in [0, 1), got {invert}, {tint}")
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.scale_range = scale_range
         self.hflip, self.vflip = hflip, vflip
+        self.invert, self.tint = invert, tint
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         H, W = sample["image"].shape[-2:]
@@ -118,7 +126,19 @@ class WeakView:
             x0 = int(torch.randint(0, max(ow - cw, 0) + 1, (), generator=generator))
             window = (y0, x0, ch, cw)
         hf, vf = _chance(self.hflip, generator), _chance(self.vflip, generator)
-        return resample(sample, (oh, ow), window, hflip=hf, vflip=vf)
+        out = resample(sample, (oh, ow), window, hflip=hf, vflip=vf)
+        if self.invert > 0 or self.tint > 0:  # extra draws only when on: older runs keep their crops
+            out["image"] = self._photometric(out["image"], out.get("valid"), generator)
+        return out
+
+    def _photometric(self, img: torch.Tensor, valid: torch.Tensor | None,
+                     g: torch.Generator | None) -> torch.Tensor:
+        """``img`` ``[3,h,w]`` in [0,1]; ``valid`` ``[h,w]`` bool (False = padding)."""
+        if _chance(self.invert, g):
+            img = 1 - img
+        gains = 1 + self.tint * (2 * torch.rand(3, generator=g) - 1)
+        img = (img * gains.to(img.dtype)[:, None, None]).clamp(0, 1)
+        return img * valid.to(img.dtype) if valid is not None else img
 
 
 class Resize:
