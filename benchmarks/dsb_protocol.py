@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DSB = ROOT.parent / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
 ROWS = [("teacher_zero_shot", "teacher zero-shot"), ("teacher_adapted", "teacher adapted (CAST stage 1)"),
         ("student_supervised", "student supervised-only"), ("student_distilled", "student distilled"),
-        ("student_refined", "student refined (CAST)")]
+        ("student_refined", "student refined (CAST)"),
+        ("classical_baseline", "classical Otsu + watershed (no learning)")]
 # protocol-specific settings on top of assets/demo.yaml
 PROTOCOL_OVERRIDES = {
     "domain": [],
@@ -143,16 +144,15 @@ def efficiency(sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
 def _mean_sd(vals: list[float]) -> str:
+    """COCO AP as a percentage (the paper's unit): mean ± sample sd over seeds, then each seed."""
+    vals = [100 * v for v in vals]
     if not vals:
         return "—"
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+        return f"{vals[0]:.2f}"
+    return (f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} "
+            f"({', '.join(f'{v:.2f}' for v in vals)})")
 
 
 def render(out: Path) -> str:
@@ -171,7 +171,7 @@ def render(out: Path) -> str:
             seeds = runs[variant]
             lines += [f"**{variant}** (seeds {sorted(seeds)}; minutes per run "
                       f"{', '.join(str(round(m['seconds'] / 60, 1)) for m in seeds.values())})", "",
-                      "| model | mask AP | AP50 |", "|---|---|---|"]
+                      "| model | mask AP (%) | AP50 (%) |", "|---|---|---|"]
             for key, label in ROWS:
                 ap = [m[key]["AP"] for m in seeds.values() if (m.get(key) or {}).get("AP") is not None]
                 ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from castseg import cli
-from castseg.commands.demo import embedded_default, standins
+from castseg.commands.demo import embedded_default, results_table, standins
 from castseg.data.coco_io import load_coco
 from castseg.models import load_checkpoint
 
@@ -19,6 +19,19 @@ def test_embedded_default_is_valid_and_complete():
     assert len(coco.images) == 107 and len(coco.annotations) == 4550
     assert coco.class_names == ["nucleus"]
     assert all(coco.image_path(img).exists() for img in coco.images)
+
+
+def test_results_table_prints_percent_ap_params_and_latency_per_row():
+    row = {"AP": 0.0042, "AP50": 0.0131}
+    metrics = {"teacher_zero_shot": row, "student_refined": {"AP": 0.25, "AP50": 0.5}, "student_distilled": {},
+               "classical_baseline": {"AP": 0.073, "AP50": 0.1776},
+               "efficiency": {"teacher (adapted)": {"params": 11.71e6, "latency_ms": 195.3},
+                              "student (refined)": {"params": 1.56e6, "latency_ms": 62.4}}}
+    lines = results_table(metrics).splitlines()
+    assert "AP (%)" in lines[0] and len(lines) == 5  # header, rule, 2 rows with AP, classical
+    assert lines[2].split()[-5:] == ["0.42", "1.31", "11.71M", "195", "ms"] and "zero-shot" in lines[2]
+    assert lines[3].split()[-5:] == ["25.00", "50.00", "1.56M", "62", "ms"]
+    assert lines[4].split()[-4:] == ["7.30", "17.76", "0", "—"]
 
 
 def test_standins_are_small_fp16_and_match_their_recipe():

@@ -133,7 +133,8 @@ def _efficiency(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def results_table(metrics: dict[str, Any]) -> str:
     eff = _efficiency(metrics)
-    head = f"{'model':<26}{'mask AP':>9}{'AP50':>8}{'params':>10}{'latency':>11}"
+    # COCO AP in percent, the paper's unit (0.42 reads better than 0.004)
+    head = f"{'model':<26}{'AP (%)':>9}{'AP50 (%)':>10}{'params':>10}{'latency':>11}"
     lines = [head, "-" * len(head)]
     for key, label, kind in ROWS:
         row = metrics.get(key) or {}
@@ -142,10 +143,11 @@ def results_table(metrics: dict[str, Any]) -> str:
         e = eff[kind]
         params = f"{e['params'] / 1e6:.2f}M" if e.get("params") else "—"
         lat = f"{e['latency_ms']:.0f} ms" if e.get("latency_ms") else "—"
-        lines.append(f"{label:<26}{row['AP']:>9.3f}{row['AP50']:>8.3f}{params:>10}{lat:>11}")
+        lines.append(f"{label:<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}{params:>10}{lat:>11}")
     base = metrics.get("classical_baseline")
     if base:
-        lines.append(f"{'classical Otsu+watershed':<26}{base['AP']:>9.3f}{base['AP50']:>8.3f}{'0':>10}{'—':>11}")
+        lines.append(f"{'classical Otsu+watershed':<26}{100 * base['AP']:>9.2f}{100 * base['AP50']:>10.2f}"
+                     f"{'0':>10}{'—':>11}")
     return "\n".join(lines)
 
 
