@@ -15,7 +15,9 @@ from the demo's *target domain* by modality, never by chance:
 Outputs (``--out``, default ``src/castseg/assets/standins``), fp16 safetensors:
 
 - ``teacher/`` — a castseg checkpoint of the ``teacher_cpu`` preset (11.7M parameters, 7.5x the
-  ``tiny`` student; the paper's ratio is 11x), supervised on the source set;
+  ``tiny`` student; the paper's ratio is 11x), supervised on the source set; its last phase
+  sees the grey images inverted (p=0.5) and tinted per channel (±40%), so it is not tied to
+  bright-on-dark grey — a foundation model has seen every polarity and colour;
 - ``student_encoder/`` — the DINOv2-architecture encoder (``config.json`` + ``model.safetensors``,
   loadable with ``encoder_name: <folder>, pretrained: true``) of a ``tiny`` student supervised on
   the same source set. DINOv2 itself is self-supervised; this stand-in is supervised on the
