@@ -12,7 +12,8 @@ from the demo's *target domain* by modality, never by chance:
 - target: the colour (H&E histology) images, the embedded default
   (``src/castseg/assets/dsb2018_histology``); none of them is in the source.
 
-Outputs (``--out``, default ``src/castseg/assets/standins``), fp16 safetensors:
+Outputs (``--out``, default ``src/castseg/assets/standins``), small safetensors (teacher: per-row
+int8 weight matrices + fp16 rest; encoder: fp16):
 
 - ``teacher/`` — a castseg checkpoint of the ``teacher_cpu`` preset (11.7M parameters, 7.5x the
   ``tiny`` student; the paper's ratio is 11x), supervised on the source set; its last phase

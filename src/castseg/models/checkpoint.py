@@ -101,14 +101,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict | None, cla
     arch = model.config.to_dict()
     if len(class_names) != arch["num_classes"]:
         raise CastsegError(f"{len(class_names)} class names given for a model with {arch['num_classes']} classes")
+    if quantize not in (None, "int8"):
+        raise CastsegError(f"quantize must be None or 'int8', got {quantize!r}")
     arch["pretrained"] = False  # the weights are in the checkpoint; rebuilding must not hit the hub
     weights, meta_path = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
     os.close(fd)
     try:
-        if quantize not in (None, "int8"):
-            raise CastsegError(f"quantize must be None or 'int8', got {quantize!r}")
         state = quantize_int8(_cpu_state(model)) if quantize else _cpu_state(model)
         save_file(state, tmp, metadata={"format": FORMAT})
         digest, size = sha256_file(tmp), os.path.getsize(tmp)
