@@ -55,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"castseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy a torchrun process group a command joined. Left to interpreter exit, gloo's
+    threads may still be running when the process dies ("terminate called without an active
+    exception", SIGABRT), failing a run whose work was complete."""
+    dist = sys.modules.get("torch.distributed")  # not imported: nothing was joined
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
