@@ -89,6 +89,23 @@ def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Pat
     return cfg
 
 
+def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) -> str:
+    """``table1``'s adapted teacher (same seed and settings), so ablations change only the student.
+    Only stage 1 runs when ``table1`` has not got that far (``table1`` later resumes from it), so
+    an ablation can run beside an unfinished ``table1``."""
+    from castseg import stages
+
+    run_dir = out / protocol / f"table1_s{seed}"
+    done = run_dir / "metrics.json"
+    if done.is_file():
+        ckpt = (json.loads(done.read_text()).get("teacher_adapted") or {}).get("checkpoint")
+        if ckpt and Path(ckpt).is_dir():
+            return ckpt
+    cfg = config(protocol, seed, 0.1, list(extra), out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(stages.run_adapt(cfg, run_dir, {}).resolve())
+
+
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     from castseg import stages
     from castseg.config import save_resolved
@@ -111,9 +128,8 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         student = stages.run_distill(cfg, run_dir, cfg["teacher"]["path"], metrics)
         stages.run_refine(cfg, run_dir, student, metrics)
     elif variant in ABLATIONS:
-        base = run_variant(protocol, "table1", seed, out, extra)
         metrics = {}
-        stages.run_distill(cfg, run_dir, base["teacher_adapted"]["checkpoint"], metrics)
+        stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra), metrics)
     else:
         sys.exit(f"unknown variant {variant!r}")
     metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())

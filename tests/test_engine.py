@@ -122,6 +122,13 @@ def test_complete_stage_is_skipped_and_changed_settings_refused(tmp_path):
         assert torch.equal(va, vb)  # the finished weights are loaded into the skipped trainer's model
     with pytest.raises(CastsegError, match="max_steps 6 -> 8"):
         task.make_trainer(tmp_path, 8).fit()
+    # a moved run directory: the skipped stage hands on its checkpoint where it is now
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, moved)
+    skipped = task.make_trainer(moved, 6, ckpt_every=0).fit()
+    assert skipped["checkpoint"] == str(moved / "checkpoints" / "last") != result["checkpoint"]
+    assert {k: v for k, v in skipped.items() if k != "checkpoint"} == \
+        {k: v for k, v in result.items() if k != "checkpoint"}
     again.fit(resume=False)
     assert calls == list(range(6))
 

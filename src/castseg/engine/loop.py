@@ -156,7 +156,8 @@ class Trainer:
                 if info.is_main:
                     print(f"[{self.name}] already complete at step {ckpt.step} ({ckpt.path}); skipping "
                           f"(resume=False retrains)", file=sys.stderr, flush=True)
-                return ckpt.state.get("result") or {}
+                # The checkpoint as it is now: the run directory may have moved since it finished.
+                return {**(ckpt.state.get("result") or {}), "checkpoint": str(self.last_dir)}
             self._restore(ckpt)
         else:
             self.step = 0
