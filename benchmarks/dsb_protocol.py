@@ -117,35 +117,33 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
     table = variant == "table1" or variant.startswith("fraction")
-    if done.is_file() and json.loads(done.read_text()).get("complete"):
-        metrics = json.loads(done.read_text())
-        if table and "classical_baseline" not in metrics:  # runs finished before the row existed
-            cfg = config(protocol, seed, fraction, list(extra), out)
-            metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
-            write_json(metrics, done, indent=1)
+    metrics = json.loads(done.read_text()) if done.is_file() else {}
+    classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
+    if metrics.get("complete") and not classical_missing:
         return metrics
     cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, [])], out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir / "config.yaml")
-    t0 = time.perf_counter()
-    if table:
-        metrics = stages.run_all(copy.deepcopy(cfg), run_dir)
-        # the training-free reference, as in `castseg demo`
+    if not metrics.get("complete"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir / "config.yaml")
+        t0 = time.perf_counter()
+        if table:
+            metrics = stages.run_all(copy.deepcopy(cfg), run_dir)
+        elif variant == "noadapt":
+            metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg["teacher"]["path"], cfg)}
+            student = stages.run_distill(cfg, run_dir, cfg["teacher"]["path"], metrics)
+            stages.run_refine(cfg, run_dir, student, metrics)
+        elif variant == "supervised":  # the baseline alone, e.g. its learning curve with train.val_every
+            metrics = {}
+            stages.run_refine(cfg, run_dir, stages.initial_student(cfg), metrics, key="student_supervised",
+                              name="supervised", section="supervised")
+        elif variant in ABLATIONS:
+            metrics = {}
+            stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra), metrics)
+        else:
+            sys.exit(f"unknown variant {variant!r}")
+        metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    if classical_missing:  # the training-free reference, as in `castseg demo`
         metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
-    elif variant == "noadapt":
-        metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg["teacher"]["path"], cfg)}
-        student = stages.run_distill(cfg, run_dir, cfg["teacher"]["path"], metrics)
-        stages.run_refine(cfg, run_dir, student, metrics)
-    elif variant == "supervised":  # the baseline alone, e.g. its learning curve with train.val_every
-        metrics = {}
-        stages.run_refine(cfg, run_dir, stages.initial_student(cfg), metrics, key="student_supervised",
-                          name="supervised", section="supervised")
-    elif variant in ABLATIONS:
-        metrics = {}
-        stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra), metrics)
-    else:
-        sys.exit(f"unknown variant {variant!r}")
-    metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
     write_json(metrics, done, indent=1)
     return metrics
 

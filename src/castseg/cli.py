@@ -60,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """Destroy a torchrun process group a command joined. Left to interpreter exit, gloo's
-    threads may still be running when the process dies ("terminate called without an active
-    exception", SIGABRT), failing a run whose work was complete."""
-    dist = sys.modules.get("torch.distributed")  # not imported: nothing was joined
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if "torch.distributed" in sys.modules:  # not imported: no command joined a process group
+        from castseg.engine.distributed import cleanup_distributed
+
+        cleanup_distributed()
 
 
 if __name__ == "__main__":

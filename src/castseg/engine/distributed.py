@@ -80,7 +80,10 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
 
 
 def cleanup_distributed() -> None:
-    if dist.is_initialized():
+    """Destroy the process group this process joined, if any. Left to interpreter exit, gloo's
+    threads may still be running when the process dies ("terminate called without an active
+    exception", SIGABRT), failing a run whose work was complete."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
