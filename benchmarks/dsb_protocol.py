@@ -204,6 +204,14 @@ def render(out: Path) -> str:
                 ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]
                 if ap:
                     lines.append(f"| {label} | {_mean_sd(ap)} | {_mean_sd(ap50)} |")
+            # Seeds draw their own split (val too), so the spread of a row mixes split and training
+            # noise; CAST minus supervised-only within each seed compares like with like.
+            paired = [s for s in seeds.values() if all((s.get(k) or {}).get("AP") is not None
+                                                       for k in ("student_refined", "student_supervised"))]
+            if len(paired) > 1:
+                diff = {m: [s["student_refined"][m] - s["student_supervised"][m] for s in paired] for m in ("AP", "AP50")}
+                lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
+                             f"{_mean_sd(diff['AP50'])} |")
             lines.append("")
     eff = out / "efficiency.json"
     if eff.is_file():
