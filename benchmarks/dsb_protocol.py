@@ -209,7 +209,8 @@ def render(out: Path) -> str:
             paired = [s for s in seeds.values() if all((s.get(k) or {}).get("AP") is not None
                                                        for k in ("student_refined", "student_supervised"))]
             if len(paired) > 1:
-                diff = {m: [s["student_refined"][m] - s["student_supervised"][m] for s in paired] for m in ("AP", "AP50")}
+                diff = {metric: [s["student_refined"][metric] - s["student_supervised"][metric] for s in paired]
+                        for metric in ("AP", "AP50")}
                 lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
                              f"{_mean_sd(diff['AP50'])} |")
             lines.append("")

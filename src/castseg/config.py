@@ -75,8 +75,6 @@ def register_section(name: str, schema: type | None) -> None:
     SECTIONS[name] = schema
 
 
-
-
 def build_section(name: str, value: Any, source: str) -> Any:
     """Check one top-level section and return it resolved (every default filled in)."""
     schema = SECTIONS.get(name)
