@@ -177,3 +177,33 @@ def test_strong_view_reproducible():
     a = StrongView()(img)
     torch.manual_seed(3)
     assert torch.equal(a, StrongView()(img))
+
+
+@pytest.mark.parametrize("bright_nuclei", [True, False])
+def test_stain_map_colours_nuclei_like_he_for_either_polarity(bright_nuclei):
+    from castseg.data.transforms import HE_BACKGROUND, HE_NUCLEUS, stain_map
+
+    grey = torch.full((40, 40), 0.1)
+    grey[5:15, 5:15] = 0.9  # a "nucleus": a quarter of the image at most, as in nuclei crops
+    img = (grey if bright_nuclei else 1 - grey).expand(3, -1, -1).clone()
+    out = stain_map(img, None, torch.Generator().manual_seed(0))
+    nucleus, background = out[:, 10, 10], out[:, 30, 30]
+    assert (nucleus - torch.tensor(HE_NUCLEUS)).abs().max() < 0.13  # within the colour jitter
+    assert (background - torch.tensor(HE_BACKGROUND)).abs().max() < 0.09
+    assert background.mean() > nucleus.mean() + 0.1  # dark purple nuclei on a pale ground
+
+
+def test_weak_view_stain_option_changes_only_colours():
+    from castseg.data.transforms import WeakView
+
+    torch.manual_seed(0)
+    img = torch.rand(3, 32, 32).mean(0, keepdim=True).expand(3, -1, -1).clone()
+    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+    masks[0, 4:12, 4:12] = True
+    sample = {"image": img, "masks": masks, "labels": torch.tensor([0])}
+    plain = WeakView(crop_size=None, scale_range=(1, 1), hflip=0)(sample, torch.Generator().manual_seed(3))
+    stained = WeakView(crop_size=None, scale_range=(1, 1), hflip=0, stain=1.0)(sample, torch.Generator().manual_seed(3))
+    assert torch.equal(plain["masks"], stained["masks"])
+    assert not torch.allclose(stained["image"][0], stained["image"][1])  # grey became colour
+    with pytest.raises(ValueError, match="stain"):
+        WeakView(stain=1.5)

