@@ -52,7 +52,7 @@ DEFAULT_OUT = ROOT / "src" / "castseg" / "assets" / "standins"
 # phase's "data" entry overrides DATA.
 MODELS = {
     "teacher": ({"preset": "lite_teacher"},
-                [{"max_steps": 1400, "lr": 5e-4, "warmup_steps": 100}]),
+                [{"max_steps": 1500, "lr": 5e-4, "warmup_steps": 100}]),
     "student": ({"preset": "lite_student"},
                 [{"max_steps": 800, "lr": 8e-4, "warmup_steps": 50}]),
 }
