@@ -83,10 +83,10 @@ def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Pat
 
     files = split_files(protocol, seed, fraction, out)
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
-    teacher, encoder = standins()
+    teacher, student = standins()
     cfg["data"].update({k: str(files[k].resolve()) for k in ("labeled", "unlabeled", "val")})
     cfg["teacher"] = {"type": "checkpoint", "path": str(teacher)}
-    cfg["model"]["encoder_name"] = str(encoder)
+    cfg["model"]["init_from"] = str(student)
     return cfg
 
 

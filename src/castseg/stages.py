@@ -180,8 +180,20 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def initial_student(cfg: dict[str, Any]) -> torch.nn.Module:
+    """θ_s⁰: the configured student, with ``model.init_from``'s weights when given (loaded
+    strictly: an architecture that differs from the checkpoint's is one clear error)."""
     torch.manual_seed(train_config(cfg).seed)  # the same θ_s⁰ for the CAST student and the baseline
-    return build_student(StudentConfig.from_dict(cfg["model"], "config model"))
+    config = StudentConfig.from_dict(cfg["model"], "config model")
+    student = build_student(config)
+    if config.init_from:
+        source, _ = load_checkpoint(config.init_from)
+        try:
+            student.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise CastsegError(f"model.init_from {config.init_from}: its architecture differs from the configured "
+                               f"model ({first})") from None
+    return student
 
 
 def initial_teacher(cfg: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:

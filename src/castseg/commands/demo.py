@@ -45,13 +45,13 @@ def embedded_default() -> Path:
 
 
 def standins() -> tuple[Path, Path]:
-    """(stand-in teacher checkpoint, stand-in student encoder folder)."""
-    teacher, encoder = asset("standins", "teacher"), asset("standins", "student_encoder")
-    for p in (teacher / "model.safetensors", encoder / "model.safetensors"):
+    """(stand-in teacher checkpoint, stand-in student checkpoint = θ_s⁰)."""
+    teacher, student = asset("standins", "teacher"), asset("standins", "student")
+    for p in (teacher / "model.safetensors", student / "model.safetensors"):
         if not p.is_file():
             raise CastsegError(f"pretrained stand-in missing ({p}); reinstall castseg or rebuild it with "
                                f"tools/train_standins.py")
-    return teacher, encoder
+    return teacher, student
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -120,9 +120,9 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
         cfg["model"].update(PRETRAINED_STUDENT)
         cfg["train"]["device"] = "auto"
     else:
-        teacher, encoder = standins()
+        teacher, student = standins()
         cfg["teacher"] = {**(cfg.get("teacher") or {}), "type": "checkpoint", "path": str(teacher)}
-        cfg["model"]["encoder_name"] = str(encoder)
+        cfg["model"]["init_from"] = str(student)
     return cfg
 
 

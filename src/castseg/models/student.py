@@ -76,6 +76,9 @@ class StudentConfig:
 
     preset: str | None = None
     num_classes: int = 1
+    # a castseg checkpoint whose weights are θ_s⁰ (same architecture; applied by the pipeline's
+    # initial_student, not by build_student, so a saved model never depends on this path)
+    init_from: str | None = None
     # encoder: "dinov2" (ViT token maps of layers out_indices) or "backbone" (transformers
     # AutoBackbone, e.g. ResNet; out_indices are stage indices, 0 = stem)
     encoder_type: str = "dinov2"
