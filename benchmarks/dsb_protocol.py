@@ -84,7 +84,7 @@ def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Pat
     files = split_files(protocol, seed, fraction, out)
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
     teacher, student = standins()
-    cfg["data"].update({k: str(files[k].resolve()) for k in ("labeled", "unlabeled", "val")})
+    cfg["data"].update({k: str(files[k].resolve()) for k in ("labeled", "unlabeled", "val", "unlabeled_gt") if k in files})
     cfg["teacher"] = {"type": "checkpoint", "path": str(teacher)}
     cfg["model"]["init_from"] = str(student)
     return cfg

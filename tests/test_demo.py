@@ -28,10 +28,11 @@ def test_results_table_prints_percent_ap_params_and_latency_per_row():
                "efficiency": {"teacher (adapted)": {"params": 11.71e6, "latency_ms": 195.3},
                               "student (refined)": {"params": 1.56e6, "latency_ms": 62.4}}}
     lines = results_table(metrics).splitlines()
-    assert "AP (%)" in lines[0] and len(lines) == 5  # header, rule, 2 rows with AP, classical
+    assert "AP (%)" in lines[0] and len(lines) == 6  # header, rule, 2 rows with AP, classical, premise
     assert lines[2].split()[-5:] == ["0.42", "1.31", "11.71M", "195", "ms"] and "zero-shot" in lines[2]
     assert lines[3].split()[-5:] == ["25.00", "50.00", "1.56M", "62", "ms"]
     assert lines[4].split()[-4:] == ["7.30", "17.76", "0", "—"]
+    assert lines[5] == "premise: adapted teacher / supervised-only student = — (no adapted-teacher AP)"
 
 
 def test_standins_are_small_fp16_and_match_their_recipe():
@@ -80,6 +81,70 @@ def test_demo_quick_runs_all_stages_and_prints_the_table(quick_demo, capsys):
     for stage, steps in (("adapt/a", 2), ("distill", 4), ("refine", 2), ("supervised", 2)):
         log = (quick_demo / stage / "log.csv").read_text().splitlines()
         assert len(log) == steps + 1, stage  # header + one row per step: the quick budget was used
+
+
+def test_demo_quick_records_the_premise_and_the_pseudo_labels_ap(quick_demo):
+    import yaml
+
+    from castseg.run_checks import pseudo_label_ap
+
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    sup, teacher = metrics["student_supervised"]["AP"], metrics["teacher_adapted"]["AP"]
+    assert metrics["premise_ratio"] == (teacher / sup if sup > 0 else None)
+    splits = quick_demo / "splits"
+    # the split keeps the unlabeled images' annotations aside: all 82 images, none of labeled / val
+    full = load_coco(splits / "unlabeled_gt.json")
+    assert [im["id"] for im in full.images] == json.loads((splits / "split.json").read_text())["image_ids"]["unlabeled"]
+    counts = json.loads((splits / "split.json").read_text())["counts"]
+    assert counts["labeled_annotations"] + counts["unlabeled_annotations"] + counts["val_annotations"] == 4550
+    assert counts["unlabeled_annotations"] == len(full.annotations) > 0
+    # the quick run scores its 6 unlabeled images' pseudo-labels against those 6 images' annotations
+    gt = load_coco(splits / "unlabeled_gt_quick.json")
+    unlabeled = load_coco(splits / "unlabeled_quick.json", require_annotations=False)
+    assert [im["id"] for im in gt.images] == [im["id"] for im in unlabeled.images] and len(gt.images) == 6
+    cfg = yaml.safe_load((quick_demo / "config.yaml").read_text())
+    assert cfg["data"]["unlabeled_gt"] == str((splits / "unlabeled_gt_quick.json").resolve())
+    pseudo = metrics["pseudo_labels"]
+    assert pseudo["num_images"] == 6 and pseudo["ground_truth"] == cfg["data"]["unlabeled_gt"]
+    for key, name in (("adapt_a", "adapt_a.json"), ("teacher", "teacher.json")):
+        file = quick_demo / "pseudo_labels" / name
+        assert pseudo[key] == {**pseudo_label_ap(gt, file, cfg["eval"]["max_dets"]), "file": str(file)}, key
+
+
+def test_quick_demo_has_its_own_default_folder():
+    from castseg.commands.demo import output_dir
+
+    assert output_dir(cli.parse_args(["demo", "--quick"])) == Path("runs/demo-quick")
+    assert output_dir(cli.parse_args(["demo"])) == Path("runs/demo")
+    assert output_dir(cli.parse_args(["demo", "--quick", "--out", "elsewhere"])) == Path("elsewhere")
+
+
+def test_demo_rerun_with_another_budget_reuses_adapt_and_redoes_distill(quick_demo, tmp_path_factory, capsys):
+    import shutil
+
+    # a copy at the same depth: the split files' relative images_root, and so their bytes, are unchanged
+    out = tmp_path_factory.mktemp("rerun") / "run"
+    shutil.copytree(quick_demo, out)
+    capsys.readouterr()
+    assert cli.main(["demo", "--quick", "--out", str(out), "distill.train.max_steps=5"]) == 0
+    cap = capsys.readouterr()
+    for stage in ("adapt/a", "adapt/c", "supervised"):
+        assert f"[{stage}] finished earlier with the same settings, reused" in cap.err, stage
+    for cache in ("adapt_a.json", "teacher.json"):
+        assert f"[pseudo-labels {cache}] finished earlier with the same teacher and images, reused" in cap.err
+    assert f"[distill] settings changed since the earlier run (max_steps 4 -> 5), starting over (the earlier run " \
+           f"is kept in {out / 'distill.stale-1'})" in cap.err
+    assert "[refine] settings changed since the earlier run (initial_weights changed), starting over" in cap.err
+    assert len((out / "distill" / "log.csv").read_text().splitlines()) == 6  # header + 5 steps
+    assert (out / "distill.stale-1" / "log.csv").read_text() == (quick_demo / "distill" / "log.csv").read_text()
+    assert (out / "adapt" / "a" / "log.csv").read_text() == (quick_demo / "adapt" / "a" / "log.csv").read_text()
+    metrics, earlier = (json.loads((d / "metrics.json").read_text()) for d in (out, quick_demo))
+    assert metrics["teacher_adapted"]["AP"] == earlier["teacher_adapted"]["AP"]
+    assert metrics["pseudo_labels"]["teacher"]["AP"] == earlier["pseudo_labels"]["teacher"]["AP"]
+    lines = cap.out.splitlines()
+    assert sum(ln.startswith("pseudo-labels adapt/a *") or ln.startswith("pseudo-labels adapt/c *")
+               for ln in lines) == 2
+    assert sum(ln.startswith("premise: adapted teacher / supervised-only student = ") for ln in lines) == 1
 
 
 def test_demo_student_predicts_on_other_nuclei_images(quick_demo, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,68 @@ def test_complete_stage_is_skipped_and_changed_settings_refused(tmp_path):
         {k: v for k, v in result.items() if k != "checkpoint"}
     again.fit(resume=False)
     assert calls == list(range(6))
+
+
+def _counted(trainer):
+    calls: list[int] = []
+    inner = trainer.loss_fn
+    trainer.loss_fn = lambda m, b, s: calls.append(s) or inner(m, b, s)
+    return trainer, calls
+
+
+def test_resume_auto_sets_a_changed_stage_aside_and_starts_over(tmp_path, capsys):
+    run = tmp_path / "stage"
+    first = task.make_trainer(run, 6, ckpt_every=0).fit()
+    capsys.readouterr()
+    t, calls = _counted(task.make_trainer(run, 6, ckpt_every=0))
+    assert t.fit(resume="auto") == first and calls == []
+    assert "[toy] finished earlier with the same settings, reused (step 6" in capsys.readouterr().err
+    # another budget: the earlier run is renamed, never deleted, and the stage trains from step 0
+    t, calls = _counted(task.make_trainer(run, 8, ckpt_every=0))
+    t.fit(resume="auto")
+    err = capsys.readouterr().err
+    assert f"[toy] settings changed since the earlier run (max_steps 6 -> 8), starting over (the earlier run is " \
+           f"kept in {tmp_path / 'stage.stale-1'})" in err
+    assert calls == list(range(8)) and find_checkpoint(run / "checkpoints" / "last").step == 8
+    old = find_checkpoint(tmp_path / "stage.stale-1" / "checkpoints" / "last")
+    assert old.step == 6 and old.complete and (tmp_path / "stage.stale-1" / "log.csv").is_file()
+    # recorded inputs and the initial weights count as settings too; the next one goes to stale-2
+    t, calls = _counted(task.make_trainer(run, 8, ckpt_every=0))
+    t.inputs = {"labeled": "0" * 64, "loss": {"temperature": 0.2}}
+    with torch.no_grad():
+        next(t.model.parameters()).add_(1.0)
+    changes = "(initial_weights changed, labeled changed, loss.temperature None -> 0.2)"
+    with pytest.raises(CastsegError, match=re.escape(f"trained with other settings {changes}")):
+        t.fit()
+    t.fit(resume="auto")
+    assert f"settings changed since the earlier run {changes}, starting over" in capsys.readouterr().err
+    assert calls == list(range(8)) and (tmp_path / "stage.stale-2").is_dir()
+
+
+def test_resume_auto_resumes_an_interrupted_stage_with_the_same_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(ZeroDivisionError):
+        _crashing(run, at=7).fit()
+    t, calls = _counted(task.make_trainer(run, 10))
+    t.fit(resume="auto")
+    assert "[toy] interrupted earlier with the same settings, resumed from step 5" in capsys.readouterr().err
+    assert calls == [5, 6, 7, 8, 9] and not list(tmp_path.glob("run.stale-*"))
+
+
+def test_checkpoints_without_recorded_inputs_compare_the_train_config_only(tmp_path):
+    run = tmp_path / "run"
+    task.make_trainer(run, 4, ckpt_every=0).fit()
+    state_json = run / "checkpoints" / "last" / STATE_JSON
+    state = json.loads(state_json.read_text())
+    assert set(state["inputs"]) == {"initial_weights"}
+    del state["inputs"]  # as written before castseg recorded a stage's inputs
+    state_json.write_text(json.dumps(state))
+    t, calls = _counted(task.make_trainer(run, 4, ckpt_every=0))
+    t.inputs = {"labeled": "1" * 64}
+    t.fit()
+    assert calls == []  # nothing to compare the inputs with: reused, as before
+    with pytest.raises(CastsegError, match="max_steps 4 -> 5.*--restart-changed"):
+        task.make_trainer(run, 5).fit()
 
 
 def test_schedules_and_warmup():

@@ -154,6 +154,30 @@ def test_killed_pass_resumes_where_it_stopped(tmp_path):
     assert fresh.calls == 5 and read_manifest(out)["teacher_sha256"] == "other"
 
 
+def test_restart_changed_sets_another_teachers_cache_aside(tmp_path, capsys):
+    images = write_images(tmp_path / "data", 3)
+    out = tmp_path / "pl" / "adapt_a.json"
+    generate_pseudo_labels(FakeTeacher(), images, out, teacher_info=INFO, progress=False)
+    first = out.read_bytes()
+    capsys.readouterr()
+    same = FakeTeacher()
+    generate_pseudo_labels(same, images, out, teacher_info=INFO, progress=False, restart_changed=True)
+    assert same.calls == 0
+    assert "[pseudo-labels adapt_a.json] finished earlier with the same teacher and images, reused" in \
+        capsys.readouterr().err
+    retrained = FakeTeacher()
+    generate_pseudo_labels(retrained, images, out, teacher_info={**INFO, "sha256": "fake-teacher-v2"},
+                           progress=False, restart_changed=True)
+    aside = tmp_path / "pl" / "adapt_a.stale-1.json"
+    assert f"[pseudo-labels adapt_a.json] made earlier with a different teacher_sha256, starting over (the " \
+           f"earlier cache is kept as {aside})" in capsys.readouterr().err
+    assert retrained.calls == 3 and read_manifest(out)["teacher_sha256"] == "fake-teacher-v2"
+    # the earlier cache is intact, with its manifest beside it: still a readable cache
+    assert aside.read_bytes() == first and read_manifest(aside)["teacher_sha256"] == "fake-teacher-v1"
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "adapt_a.json", "adapt_a.json.manifest.json", "adapt_a.stale-1.json", "adapt_a.stale-1.json.manifest.json"]
+
+
 # ---------------------------------------------------------------- real teachers, CLI
 
 def test_round_trip_eval_matches_own_predictions(tmp_path, tiny_ckpt, capsys):

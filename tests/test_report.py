@@ -21,7 +21,7 @@ def test_report_is_self_contained_with_table_curves_and_overlays(tmp_path):
     text = md.read_text()
     assert "| zero-shot teacher | 0.100 | 0.200 | t.json |" in text
     assert "| student, CAST refined | 0.300 | 0.500 | s.json |" in text
-    assert "adapted" not in text  # rows without numbers are left out, not invented
+    assert "CAST adaptation" not in text  # rows without numbers are left out, not invented
     doc = page.read_text()
     assert "http" not in doc.replace("<!doctype html>", "")  # opens offline: nothing external
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', doc)

@@ -177,11 +177,47 @@ def test_manifest_records_provenance(tmp_path):
     man = read(out / "split.json")
     assert man["seed"] == 5 and man["labeled_fraction"] == 0.1 and man["val_fraction"] == 0.15
     assert man["source_sha256"] == hashlib.sha256(ann.read_bytes()).hexdigest()
+    unlabeled_anns = sum((i - 100) % 3 for i in man["image_ids"]["unlabeled"])  # image i has i % 3 objects
     assert man["counts"] == {"images": 20, "labeled": 2, "unlabeled": 15, "val": 3,
                              "labeled_annotations": man["counts"]["labeled_annotations"],
+                             "unlabeled_annotations": unlabeled_anns,
                              "val_annotations": man["counts"]["val_annotations"]}
     assert (out / man["source"]).resolve() == ann.resolve()
     assert sorted(im["id"] for im in read(out / "val.json")["images"]) == man["image_ids"]["val"]
+
+
+def test_unlabeled_gt_keeps_exactly_the_unlabeled_images_annotations(tmp_path, capsys):
+    ann = make_coco(tmp_path)
+    out = tmp_path / "o"
+    run_split(str(ann), "--labeled-fraction", "0.25", "--val-fraction", "0.2", "--seed", "2", "--out-dir", str(out))
+    gt, unl = load_coco(out / "unlabeled_gt.json"), read(out / "unlabeled.json")
+    assert [im["id"] for im in gt.images] == [im["id"] for im in unl["images"]]
+    assert gt.images == unl["images"]
+    assert gt.images_root == load_coco(out / "unlabeled.json", require_annotations=False).images_root
+    ids = {im["id"] for im in gt.images}
+    theirs = [a["id"] for a in load_coco(ann).annotations if a["image_id"] in ids]
+    assert [a["id"] for a in gt.annotations] == theirs and len(theirs) == sum((i - 100) % 3 for i in ids) > 0
+    others = {im["id"] for f in ("labeled.json", "val.json") for im in read(out / f)["images"]}
+    assert len(others) == 8 and not others & {a["image_id"] for a in gt.annotations}
+    man = read(out / "split.json")
+    assert man["files"]["unlabeled_gt"] == "unlabeled_gt.json" and man["counts"]["unlabeled_annotations"] == \
+        len(gt.annotations)
+    assert "annotations" not in unl  # the training file stays images-only
+    # all images labeled: nothing to set aside, and the earlier file is flagged as stale
+    capsys.readouterr()
+    run_split(str(ann), "--labeled-fraction", "1.0", "--val-fraction", "0.2", "--seed", "2", "--out-dir", str(out))
+    assert "unlabeled_gt" not in read(out / "split.json")["files"]
+    assert f"warning: {out / 'unlabeled_gt.json'} is from an earlier run" in capsys.readouterr().err
+
+
+def test_no_unlabeled_gt_without_annotations_on_the_unlabeled_images(tmp_path):
+    from castseg.data.split import write_split
+
+    coco = load_coco(make_coco(tmp_path, n=6))
+    # images 100 and 103 have no objects (i % 3 == 0): left unlabeled, there is nothing to set aside
+    files = write_split(coco, make_split(coco, labeled_ids=[101, 102, 104, 105]), tmp_path / "o", 0, None, 0.0)
+    assert "unlabeled_gt" not in files and not (tmp_path / "o" / "unlabeled_gt.json").exists()
+    assert read(tmp_path / "o" / "split.json")["image_ids"]["unlabeled"] == [100, 103]
 
 
 def test_images_root_flag_and_key(tmp_path):

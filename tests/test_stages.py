@@ -65,7 +65,7 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
     # a re-run skips every finished stage and reproduces the metrics
     capsys.readouterr()
     assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]) == 0
-    assert "already complete" in capsys.readouterr().err
+    assert "finished earlier with the same settings, reused" in capsys.readouterr().err
     again = json.loads((run_dir / "metrics.json").read_text())
     # efficiency holds latencies, measured again on every run; everything else must be identical
     assert set(again.pop("efficiency")) == set(metrics.pop("efficiency")) == {"teacher (adapted)", "student (refined)"}
@@ -95,3 +95,56 @@ def test_run_with_the_grounded_sam_teacher(tiny_run):
     log = (run_dir / "adapt" / "a" / "log.csv").read_text().splitlines()
     assert "labeled_loss_det" in log[0] and len(log) == 3  # header + 2 steps
     assert "teacher (adapted)" in (run_dir / "report.md").read_text()
+
+
+def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
+    from castseg.run_checks import premise_ratio, pseudo_label_ap
+
+    runs, gt = tiny_run / "runs", tiny_run / "splits" / "unlabeled_gt.json"
+    base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs), "--unlabeled-gt", str(gt)]
+    assert cli.main(base) == 0
+    run_dir = runs / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    truth = load_coco(gt)
+    assert [im["id"] for im in truth.images] == [im["id"] for im in load_coco(tiny_run / "splits" / "unlabeled.json",
+                                                                              require_annotations=False).images]
+    pseudo = metrics["pseudo_labels"]
+    assert pseudo["ground_truth"] == str(gt) and pseudo["num_images"] == len(truth.images)
+    for key, name in (("adapt_a", "adapt_a.json"), ("teacher", "teacher.json")):
+        file = run_dir / "pseudo_labels" / name
+        assert pseudo[key] == {**pseudo_label_ap(truth, file, 100), "file": str(file)}, key
+    assert "premise_ratio" in metrics and metrics["premise_ratio"] == premise_ratio(metrics)
+    out = capsys.readouterr().out
+    assert "pseudo-labels of teacher adapt/a: AP" in out and "premise: adapted teacher / supervised-only" in out
+
+    # a changed distill budget: refused by default, with one line naming the change and the way out
+    changed = [*base, "distill.train.max_steps=4"]
+    assert cli.main(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) - 1 == sum("finished earlier" in e or "reused" in e for e in err)  # only the last is the error
+    assert "other settings (max_steps 3 -> 4)" in err[-1] and "--restart-changed" in err[-1]
+    assert cli.main([*changed, "--restart-changed"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("adapt/a", "adapt/c", "supervised"):
+        assert f"[{stage}] finished earlier with the same settings, reused" in err, stage
+    assert f"[distill] settings changed since the earlier run (max_steps 3 -> 4), starting over (the earlier run " \
+           f"is kept in {run_dir / 'distill.stale-1'})" in err
+    # refine starts from the distilled student, which was redone
+    assert "[refine] settings changed since the earlier run (initial_weights changed), starting over" in err
+    assert len((run_dir / "distill" / "log.csv").read_text().splitlines()) == 5  # header + 4 steps
+    assert (run_dir / "distill.stale-1" / "checkpoints" / "last" / "model.json").is_file()
+
+
+def test_run_unlabeled_gt_errors_are_one_line_before_training(tiny_run, capsys):
+    runs = tiny_run / "runs"
+    base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]
+    assert cli.main([*base, "--unlabeled-gt", str(tiny_run / "nope.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"castseg run: error: {tiny_run / 'nope.json'}: --unlabeled-gt: no such file (expected the "
+                   "unlabeled images' own annotations, e.g. castseg split's unlabeled_gt.json)"]
+    # the val set's annotations are not the unlabeled images'
+    assert cli.main([*base, "--unlabeled-gt", str(tiny_run / "splits" / "val.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val.json: its images differ from the unlabeled set" in err[0]
+    assert "unlabeled.json" in err[0]
+    assert not (runs / "tiny" / "adapt").exists()  # nothing trained

@@ -98,6 +98,9 @@ class DataConfig(Section):
     labeled: str | None = None               # COCO instances json
     unlabeled: str | None = None             # COCO json (annotations ignored) or image folder
     val: str | None = None                   # COCO instances json
+    # The unlabeled images' own annotations (castseg split's unlabeled_gt.json), when known:
+    # only for scoring the pseudo-labels (metrics.json, report); no stage trains on them.
+    unlabeled_gt: str | None = None
     images_root: str | None = None
     crop_size: tuple[int, int] | None = None  # training crop (h, w); None keeps the resized image
     scale_range: tuple[float, float] = (0.5, 2.0)

@@ -111,6 +111,20 @@ def model_table(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def pseudo_label_table(metrics: dict[str, Any]) -> list[list[str]] | None:
+    """The pseudo-label caches scored against the unlabeled images' own annotations; None when
+    the run had none (``data.unlabeled_gt`` unset)."""
+    from castseg.run_checks import PSEUDO_LABEL_SOURCES
+
+    pseudo = metrics.get("pseudo_labels") or {}
+    rows = [["made by teacher", "mask AP", "AP50", "file"]]
+    for key, stage in PSEUDO_LABEL_SOURCES.items():
+        if isinstance(pseudo.get(key), dict):
+            m = pseudo[key]
+            rows.append([stage, _fmt(m.get("AP")), _fmt(m.get("AP50")), str(m.get("file", "—"))])
+    return rows if len(rows) > 1 else None
+
+
 def efficiency_table(eff: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = [["model", "params (M)", "GFLOPs", "latency (ms)"]]
     for name, e in eff.items():
@@ -131,13 +145,29 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def report_tables(metrics: dict[str, Any], efficiency: dict[str, dict[str, Any]] | None
+                  ) -> list[tuple[str, list[list[str]]]]:
+    """``(heading, rows)`` of every table the run has numbers for."""
+    tables = [("Models (val)", model_table(metrics))]
+    pseudo = pseudo_label_table(metrics)
+    if pseudo:
+        info = metrics["pseudo_labels"]
+        tables.append((f"Pseudo-labels ({info.get('num_images')} unlabeled images vs their own annotations, "
+                       f"{info.get('ground_truth')}; never trained on)", pseudo))
+    if efficiency:
+        tables.append(("Efficiency (same input)", efficiency_table(efficiency)))
+    return tables
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[str, dict[str, Any]] | None = None,
                  stages: Sequence[str] = ("adapt", "distill", "refine"),
                  overlays: Sequence[tuple[str, bytes]] = (), title: str = "castseg run") -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir``.
 
     Args:
-        metrics: the run's ``metrics.json`` content (keys of :data:`MODEL_ROWS`).
+        metrics: the run's ``metrics.json`` content (keys of :data:`MODEL_ROWS`; with
+            ``pseudo_labels`` also their AP on the unlabeled images; the premise ratio is
+            computed from ``teacher_adapted`` and ``student_supervised``).
         efficiency: ``{model name: {"params", "gflops", "latency_ms"}}``.
         stages: stage folders under ``run_dir`` whose ``log.csv`` gives the curves.
         overlays: ``(caption, PNG bytes)`` pairs, e.g. teacher and student side by side.
@@ -155,11 +185,10 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
         monitors = {k: (steps, v) for k, v in log.items() if k in ("pxl_margin", "pxl_fnr")}
         if monitors:
             plots.append((f"{stage}: Δ and FNR", plot_curves(monitors, f"{stage}: margin Δ, false-negative rate")))
-    tables = [("Models (val)", model_table(metrics))]
-    if efficiency:
-        tables.append(("Efficiency (same input)", efficiency_table(efficiency)))
+    from castseg.run_checks import premise_text
 
-    md = [f"# {title}", ""]
+    premise, tables = premise_text(metrics), report_tables(metrics, efficiency)
+    md = [f"# {title}", "", premise, ""]
     for name, rows in tables:
         md += [f"## {name}", "", _md_table(rows), ""]
     if plots or overlays:
@@ -171,7 +200,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
         return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">' \
                f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
-    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='premise'>{html.escape(premise)}</p>"]
     for name, rows in tables:
         parts += [f"<h2>{html.escape(name)}</h2>", _html_table(rows)]
     if plots:

@@ -8,6 +8,12 @@ folder), ``pseudo_labels/``, ``metrics.json``, ``report.md`` / ``report.html``.
 Teachers here are student-architecture models (a castseg checkpoint, e.g. the ``large``
 preset or a pretrained stand-in): stage 1 trains them on the same J as the student, as in the
 paper. A Grounding DINO + SAM2 teacher is evaluated zero-shot and used for pseudo-labels as is.
+
+Re-running in the same ``run_dir`` reuses finished stages and resumes interrupted ones whose
+settings match. Each stage records what it learnt from (:func:`stage_inputs`, and the hash of
+its initial weights), so a stage after a redone one differs too: ``resume=True`` refuses a
+changed stage, ``resume="auto"`` sets it aside (``<stage>.stale-<n>``, likewise a pseudo-label
+cache made by another teacher) and redoes it.
 """
 
 from __future__ import annotations
@@ -19,18 +25,22 @@ from typing import Any
 
 import torch
 
+from castseg import run_checks
 from castseg.config import DataConfig, EvalConfig, train_config
 from castseg.data.coco_io import write_json
 from castseg.data.dataset import CocoInstanceDataset, collate_instances
+from castseg.data.split import sha256_file
 from castseg.data.transforms import WeakView
 from castseg.engine import BatchStream, Trainer
-from castseg.errors import CastsegError
+from castseg.engine.checkpointing import weights_sha256
+from castseg.errors import CastsegError, InputError
 from castseg.evaluate import make_evaluator
 from castseg.losses import HungarianMatcher, SetLoss
 from castseg.losses.pixel_contrastive import PixelContrastiveLoss
 from castseg.models import StudentConfig, build_student, load_checkpoint
 from castseg.objective import CastObjective
-from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher
+from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher, read_manifest
+from castseg.pseudo_labels.cache import IDENTITY_KEYS
 
 # loss: section keys and their defaults (METHOD.md)
 LOSS_DEFAULTS: dict[str, Any] = {
@@ -45,6 +55,27 @@ def loss_options(cfg: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise CastsegError(f"config loss: unknown key(s) {sorted(unknown)}; valid: {sorted(LOSS_DEFAULTS)}")
     return opts
+
+
+def stage_inputs(data: DataConfig, ev: EvalConfig, loss: dict[str, Any], lambda_semi: float, lambda_pxl: float,
+                 pseudo_labels: Path | None) -> dict[str, Any]:
+    """What a stage learns from besides its train config and initial weights, for the Trainer
+    to compare with an earlier run's: files by content (not path: a moved file is the same
+    data), the view, eval and loss settings it uses, and the pseudo-labels' identity (teacher,
+    images, options: a retrained teacher's cache is another one)."""
+    used = ["num_points"] + (["temperature", "num_negatives", "sampler", "max_anchors"] if lambda_pxl > 0 else []) \
+        + (["score_threshold", "weight_by_score"] if lambda_semi > 0 else [])
+    views = {k: v for k, v in data.to_dict().items() if k not in ("labeled", "unlabeled", "val", "unlabeled_gt",
+                                                                    "images_root")}
+    if data.val and not Path(data.val).is_file():  # found now rather than after the stage's training
+        raise InputError(data.val, "data.val: no such file (expected a COCO instances json)")
+    out = {"labeled": sha256_file(data.labeled), "val": sha256_file(data.val) if data.val else None,
+           "data": views, "eval": ev.to_dict(), "lambda_semi": lambda_semi, "lambda_pxl": lambda_pxl,
+           "loss": {k: loss[k] for k in used}}
+    if lambda_semi > 0 and pseudo_labels is not None:
+        manifest = read_manifest(pseudo_labels)
+        out["pseudo_labels"] = {k: manifest.get(k) for k in IDENTITY_KEYS}
+    return out
 
 
 def build_objective(num_classes: int, loss: dict[str, Any], lambda_semi: float, lambda_pxl: float) -> CastObjective:
@@ -63,9 +94,10 @@ def _stream(dataset, batch_size: int, data: DataConfig, workers: int) -> BatchSt
 
 def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir: Path, class_names: list[str],
                 lambda_semi: float, lambda_pxl: float, pseudo_labels: Path | None = None,
-                stage_train: dict | None = None, resume: bool = True) -> dict[str, Any]:
+                stage_train: dict | None = None, resume: bool | str = True) -> dict[str, Any]:
     """Train ``model`` in place on J(D_l, D_u; λ_semi, λ_pxl) and return the Trainer's result
-    (``val`` holds the final val metrics, ``checkpoint`` the model checkpoint folder)."""
+    (``val`` holds the final val metrics, ``checkpoint`` the model checkpoint folder).
+    ``resume``: see :meth:`castseg.engine.Trainer.fit` (True, False or "auto")."""
     data = DataConfig.from_dict(cfg["data"], "config", "data")
     ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
     tc = train_config(cfg, stage_train, source=f"config ({name})")
@@ -96,8 +128,9 @@ def train_stage(name: str, model: torch.nn.Module, cfg: dict[str, Any], run_dir:
         evaluate = make_evaluator(data.val, max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk,
                                   max_size=ev.max_size or data.val_max_size, images_root=data.images_root) \
             if data.val else None
+    inputs = stage_inputs(data, ev, loss, lambda_semi, lambda_pxl, pseudo_labels)
     trainer = Trainer(model, loss_fn, streams, tc, run_dir / name, evaluate_fn=evaluate, name=name,
-                      class_names=class_names, run_config=cfg)
+                      class_names=class_names, run_config=cfg, inputs=inputs)
     result = trainer.fit(resume=resume)
     _debug_rank_weights(trainer, name)
     if is_composite_teacher(model) and trainer.dist.is_main:
@@ -157,7 +190,6 @@ def _debug_rank_weights(trainer: Trainer, name: str) -> None:
     """Opt-in test hook: with ``CASTSEG_DEBUG_RANK_WEIGHTS_DIR`` set, every rank writes the sha256
     of its final weights (state_dict tensors in sorted key order) to
     ``<dir>/<stage, '/' → '_'>.rank<k>.sha256``, so tests can check DDP ranks stayed in sync."""
-    import hashlib
     import os
 
     out = os.environ.get("CASTSEG_DEBUG_RANK_WEIGHTS_DIR")
@@ -165,12 +197,9 @@ def _debug_rank_weights(trainer: Trainer, name: str) -> None:
         return
     from castseg.engine import unwrap_model
 
-    h = hashlib.sha256()
-    for k, v in sorted(unwrap_model(trainer.model).state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    digest = weights_sha256(unwrap_model(trainer.model))
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"{name.replace('/', '_')}.rank{trainer.dist.rank}.sha256").write_text(h.hexdigest() + "\n")
+    (Path(out) / f"{name.replace('/', '_')}.rank{trainer.dist.rank}.sha256").write_text(digest + "\n")
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:
@@ -212,12 +241,14 @@ def initial_teacher(cfg: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:
     return model.train(), list(meta["class_names"])
 
 
-def pseudo_label(checkpoint: str | Path, cfg: dict[str, Any], out: Path) -> Path:
-    """Run a frozen teacher once over D_u into a cached COCO results file (resumable)."""
+def pseudo_label(checkpoint: str | Path, cfg: dict[str, Any], out: Path, resume: bool | str = True) -> Path:
+    """Run a frozen teacher once over D_u into a cached COCO results file (resumable; a cache
+    by another teacher is refused, or set aside with ``resume="auto"``, redone with False)."""
     data = DataConfig.from_dict(cfg["data"], "config", "data")
     teacher, info = load_teacher(checkpoint)
     generate_pseudo_labels(teacher, data.unlabeled, out, teacher_info=info, images_root=data.images_root,
-                           max_size=(cfg.get("pseudo_labels") or {}).get("max_size"))
+                           max_size=(cfg.get("pseudo_labels") or {}).get("max_size"), overwrite=resume is False,
+                           restart_changed=resume == "auto")
     return out
 
 
@@ -230,7 +261,7 @@ def evaluate_checkpoint(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]
     return {"AP": stats["AP"], "AP50": stats["AP50"], "checkpoint": str(path)}
 
 
-def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resume: bool = True) -> Path:
+def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resume: bool | str = True) -> Path:
     """Stage 1: (a) θ_T' on D_l with λ_pxl; (b) pseudo-label D_u with θ_T'; (c) θ_T'' from θ_T⁰
     on D_l + pseudo-labelled D_u. Returns θ_T'''s checkpoint."""
     loss = loss_options(cfg)
@@ -244,7 +275,8 @@ def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resum
     a = train_stage("adapt/a", model, cfg, run_dir, names, 0.0, loss["lambda_pxl"], stage_train=stage.get("train"),
                     resume=resume)
     metrics["teacher_adapted_a"] = _row(a)
-    pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json")
+    pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json", resume)
+    run_checks.record_pseudo_labels(cfg, metrics, "adapt_a", pl)
     model, names = initial_teacher(cfg)  # re-initialised from θ_T⁰, not from θ_T'
     c = train_stage("adapt/c", model, cfg, run_dir, names, 1.0, loss["lambda_pxl"], pseudo_labels=pl,
                     stage_train=stage.get("train"), resume=resume)
@@ -253,10 +285,11 @@ def run_adapt(cfg: dict[str, Any], run_dir: Path, metrics: dict[str, Any], resum
 
 
 def run_distill(cfg: dict[str, Any], run_dir: Path, teacher_ckpt: str | Path, metrics: dict[str, Any],
-                resume: bool = True) -> torch.nn.Module:
+                resume: bool | str = True) -> torch.nn.Module:
     """Stage 2: frozen θ_T'' pseudo-labels D_u once; the student trains on J(λ_semi, λ_pxl)."""
     loss = loss_options(cfg)
-    pl = pseudo_label(teacher_ckpt, cfg, run_dir / "pseudo_labels" / "teacher.json")
+    pl = pseudo_label(teacher_ckpt, cfg, run_dir / "pseudo_labels" / "teacher.json", resume)
+    run_checks.record_pseudo_labels(cfg, metrics, "teacher", pl)
     student = initial_student(cfg)
     names = _class_names(cfg)
     r = train_stage("distill", student, cfg, run_dir, names, loss["lambda_semi"], loss["lambda_pxl"],
@@ -266,7 +299,7 @@ def run_distill(cfg: dict[str, Any], run_dir: Path, teacher_ckpt: str | Path, me
 
 
 def run_refine(cfg: dict[str, Any], run_dir: Path, student: torch.nn.Module, metrics: dict[str, Any],
-               resume: bool = True, key: str = "student_refined", name: str = "refine",
+               resume: bool | str = True, key: str = "student_refined", name: str = "refine",
                section: str = "refine") -> torch.nn.Module:
     """Stage 3 (and the supervised baseline): J(D_l, ∅; 0, 0) from ``student``, with the budget
     of the config's ``<section>.train`` (stage 3's when that section is absent)."""
@@ -283,8 +316,10 @@ def _class_names(cfg: dict[str, Any]) -> list[str]:
                      cfg["data"].get("images_root")).class_names
 
 
-def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: bool = True) -> dict[str, Any]:
-    """All of CAST plus the supervised-only student with stage 3's budget from θ_s⁰."""
+def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool | str = True, report: bool = True) -> dict[str, Any]:
+    """All of CAST plus the supervised-only student with stage 3's budget from θ_s⁰, the
+    premise ratio and (with ``data.unlabeled_gt``) the pseudo-labels' AP (:mod:`castseg.run_checks`)."""
+    run_checks.load_unlabeled_gt(cfg)  # a wrong path or image set fails now, not after stage 1
     metrics: dict[str, Any] = {}
     teacher = run_adapt(cfg, run_dir, metrics, resume)
     write_json(metrics, run_dir / "metrics.json", indent=1)
@@ -295,6 +330,7 @@ def run_all(cfg: dict[str, Any], run_dir: Path, resume: bool = True, report: boo
     # comparison is about data, not iterations), else stage 3's as in the paper.
     run_refine(cfg, run_dir, initial_student(cfg), metrics, resume, key="student_supervised", name="supervised",
                section="supervised")
+    metrics["premise_ratio"] = run_checks.premise_ratio(metrics)
     write_json(metrics, run_dir / "metrics.json", indent=1)
     if report:
         from castseg.report import write_report

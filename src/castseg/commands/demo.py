@@ -6,8 +6,15 @@ three-stage ``castseg run`` (adapt the teacher → distil into the student → r
 labels, plus the supervised-only student) starting from the *pretrained stand-ins* shipped in
 ``assets/standins`` — a teacher and a student encoder trained on the grey DSB2018 images (the
 source domain; recipe in ``tools/train_standins.py``). It prints one table (zero-shot teacher,
-adapted teacher, supervised-only, distilled and refined student: AP, AP50, params, latency)
-and the report's path. ``--pretrained`` runs the same protocol with the paper's hub models.
+adapted teacher, supervised-only, distilled and refined student: AP, AP50, params, latency),
+the pseudo-labels' AP on the unlabeled images (against their own annotations, which the split
+keeps aside and no stage trains on), the premise ratio (adapted teacher / supervised-only
+student) and the report's path. ``--pretrained`` runs the same protocol with the paper's hub
+models.
+
+Re-running into the same folder (``runs/demo``; ``--quick``: ``runs/demo-quick``) reuses every
+stage whose settings match and redoes the others, one line per stage saying which (an earlier
+stage folder with other settings is kept as ``<stage>.stale-<n>``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ PRETRAINED_TEACHER = {"type": "grounded_sam", "detector": "IDEA-Research/groundi
                       "segmenter": "facebook/sam2.1-hiera-large", "class_names": ["nucleus"],
                       "box_threshold": 0.3, "text_threshold": 0.25, "max_detections": 300}
 PRETRAINED_STUDENT = {"preset": "small", "encoder_name": "facebook/dinov2-small", "pretrained": True}
+OUT_DEFAULT, OUT_QUICK = "runs/demo", "runs/demo-quick"
 ROWS = (("teacher_zero_shot", "teacher zero-shot", "teacher"), ("teacher_adapted", "teacher adapted", "teacher"),
         ("student_supervised", "student supervised-only", "student"),
         ("student_distilled", "student distilled", "student"), ("student_refined", "student refined (CAST)", "student"))
@@ -59,7 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides of assets/demo.yaml, e.g. distill.train.max_steps=400")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running resumes")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default {OUT_DEFAULT}; with --quick {OUT_QUICK}); re-running reuses the "
+                   "stages whose settings match and redoes the others")
     p.add_argument("--data", default=None, help="COCO json to use instead of the embedded default")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--labeled-fraction", type=float, default=0.1)
@@ -71,6 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "instead of the stand-ins; needs the network (or a filled HF cache) and, in practice, a GPU")
     p.set_defaults(func=run)
     return p
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``, else the default of this kind of run: a quick run has its own folder, so its
+    tiny stages never meet the full demo's."""
+    return Path(args.out or (OUT_QUICK if args.quick else OUT_DEFAULT))
 
 
 def _step(i: int, n: int, text: str) -> None:
@@ -110,11 +126,13 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
              "supervised.train.max_steps=2",
              "train.ckpt_every=0", "train.log_every=1", "eval.topk=100"] if args.quick else []
     cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}", *args.overrides])
-    labeled, unlabeled, val = files["labeled"], files["unlabeled"], files["val"]
+    labeled, unlabeled, val, gt = files["labeled"], files["unlabeled"], files["val"], files.get("unlabeled_gt")
     if args.quick:
         unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 6)
+        gt = _subset(gt, out / "splits" / "unlabeled_gt_quick.json", 6) if gt else None  # the same 6 images
         val = _subset(val, out / "splits" / "val_quick.json", 4)
-    cfg["data"].update(labeled=str(labeled.resolve()), unlabeled=str(unlabeled.resolve()), val=str(val.resolve()))
+    cfg["data"].update(labeled=str(labeled.resolve()), unlabeled=str(unlabeled.resolve()), val=str(val.resolve()),
+                       unlabeled_gt=str(gt.resolve()) if gt else None)
     if args.pretrained:
         cfg["teacher"] = dict(PRETRAINED_TEACHER)
         cfg["model"].update(PRETRAINED_STUDENT)
@@ -132,6 +150,8 @@ def _efficiency(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def results_table(metrics: dict[str, Any]) -> str:
+    from castseg.run_checks import PSEUDO_LABEL_SOURCES, premise_text
+
     eff = _efficiency(metrics)
     # COCO AP in percent, the paper's unit (0.42 reads better than 0.004)
     head = f"{'model':<26}{'AP (%)':>9}{'AP50 (%)':>10}{'params':>10}{'latency':>11}"
@@ -148,6 +168,14 @@ def results_table(metrics: dict[str, Any]) -> str:
     if base:
         lines.append(f"{'classical Otsu+watershed':<26}{100 * base['AP']:>9.2f}{100 * base['AP50']:>10.2f}"
                      f"{'0':>10}{'—':>11}")
+    pseudo = metrics.get("pseudo_labels") or {}
+    rows = [(f"pseudo-labels {stage} *", pseudo[key]) for key, stage in PSEUDO_LABEL_SOURCES.items() if key in pseudo]
+    for label, row in rows:
+        lines.append(f"{label:<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}{'—':>10}{'—':>11}")
+    if rows:
+        lines.append(f"* pseudo-labels on the {pseudo['num_images']} unlabeled images, scored against their own "
+                     "annotations (kept aside, never trained on)")
+    lines.append(premise_text(metrics))
     return "\n".join(lines)
 
 
@@ -180,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the demo's own output
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = output_dir(args)
     ann = Path(args.data) if args.data else embedded_default()
     n = 4
     if args.pretrained:
@@ -200,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     models = "hub models (--pretrained)" if args.pretrained else "pretrained stand-ins (assets/standins)"
     _step(3, n, f"castseg run: adapt teacher -> distill -> refine (+ supervised-only student) from {models}; "
                 f"config {out / 'config.yaml'}")
-    metrics = stages.run_all(copy.deepcopy(cfg), out)
+    # "auto": stages trained earlier in this folder with other settings are set aside and redone
+    metrics = stages.run_all(copy.deepcopy(cfg), out, resume="auto")
     _step(4, n, "classical reference on val (Otsu + watershed, no training)")
     metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
     metrics["seconds"] = round(time.perf_counter() - t0, 1)

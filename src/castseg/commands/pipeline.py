@@ -2,7 +2,9 @@
 
 Each verb reads one YAML config (dotted ``key=value`` overrides after it), saves the resolved
 config as ``runs/NAME/config.yaml`` and resumes whatever was interrupted (``--no-resume`` starts
-the stage over). Finished stages are skipped on re-run.
+the stage over). Finished stages are skipped on re-run; a stage whose settings changed since
+(or whose earlier stage was redone) is refused, or with ``--restart-changed`` set aside as
+``<stage>.stale-<n>`` and redone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--runs", default="runs", help="parent folder of run directories (default runs/)")
         p.add_argument("--resume", action="store_true", default=True,
                        help="continue interrupted stages and skip finished ones (the default)")
-        p.add_argument("--no-resume", action="store_true", help="retrain stages instead of resuming/skipping")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--no-resume", action="store_true", help="retrain stages instead of resuming/skipping")
+        how.add_argument("--restart-changed", action="store_true",
+                         help="a stage trained earlier with other settings (or after a stage that is redone now) "
+                         "is moved aside to <stage>.stale-<n> and started over, instead of refused; stages "
+                         "whose settings match are still resumed or reused")
+        if verb != "refine":
+            p.add_argument("--unlabeled-gt", metavar="PATH", default=None,
+                           help="COCO json with the unlabeled images' own annotations (castseg split's "
+                           "unlabeled_gt.json; sets data.unlabeled_gt): the pseudo-labels' AP against it goes "
+                           "into metrics.json and the report; no stage trains on it")
         if verb == "distill":
             p.add_argument("--teacher", default=None, help="adapted teacher checkpoint (default: this run's adapt/c)")
         if verb == "refine":
@@ -40,18 +52,25 @@ def run(args: argparse.Namespace) -> int:
 
     from castseg.config import load_config, save_resolved
     from castseg.data.coco_io import write_json
-    from castseg.errors import CastsegError
+    from castseg.errors import CastsegError, InputError
     from castseg.models import load_checkpoint
-    from castseg import stages
+    from castseg import run_checks, stages
 
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "unlabeled_gt", None):
+        if not Path(args.unlabeled_gt).is_file():
+            raise InputError(args.unlabeled_gt, "--unlabeled-gt: no such file (expected the unlabeled images' "
+                             "own annotations, e.g. castseg split's unlabeled_gt.json)")
+        cfg["data"]["unlabeled_gt"] = args.unlabeled_gt
     run_dir = Path(args.runs) / (args.name or Path(args.config).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
-    resume = not args.no_resume
+    resume = False if args.no_resume else ("auto" if args.restart_changed else True)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
+    if args.verb in ("adapt", "distill"):
+        run_checks.load_unlabeled_gt(cfg)  # run_all checks it itself; either way before any training
     if args.verb == "run":
         metrics = stages.run_all(cfg, run_dir, resume)
     elif args.verb == "adapt":
@@ -75,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
     for key, row in metrics.items():
         if isinstance(row, dict) and row.get("AP") is not None:
             print(f"  {key:<20} AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}  {row.get('checkpoint') or ''}")
+    pseudo = metrics.get("pseudo_labels") or {}
+    for key, label in run_checks.PSEUDO_LABEL_SOURCES.items():
+        if key in pseudo:
+            row = pseudo[key]
+            print(f"  pseudo-labels of teacher {label}: AP {row['AP']:.3f}  AP50 {row['AP50']:.3f} on the "
+                  f"{pseudo['num_images']} unlabeled images ({pseudo['ground_truth']})")
+    if args.verb == "run":
+        print(f"  {run_checks.premise_text(metrics)}")
     if (run_dir / "report.html").is_file():
         print(f"report: {run_dir / 'report.html'}")
     return 0

@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "split",
         help="split a COCO file into labeled / unlabeled (/ val) parts",
         description="Split a COCO instances file into labeled.json (images + annotations), "
-        "unlabeled.json (images only, no 'annotations' key) and, with --val-fraction, val.json. "
+        "unlabeled.json (images only, no 'annotations' key), unlabeled_gt.json (those images' own "
+        "annotations, set aside to score pseudo-labels: `castseg run --unlabeled-gt`; no stage trains on "
+        "it) and, with --val-fraction, val.json. "
         "The val set is drawn first and does not depend on the labeled fraction; labeled sets "
         "for growing fractions with one seed are nested. Outputs keep file names and record "
         "the images folder in a top-level 'images_root' key, so they load from anywhere.",
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"split {args.ann}: {len(coco.images)} images -> labeled {len(split.labeled)} "
           f"({100.0 * len(split.labeled) / n_pool:.1f}% of {n_pool}), unlabeled {len(split.unlabeled)}, "
           f"val {len(split.val)}; wrote {', '.join(str(p) for p in written.values())}")
-    for path in stale_outputs(args.out_dir, split):
-        print(f"castseg split: warning: {path} is from an earlier run with a val split; this split has "
-              "none (see split.json)", file=sys.stderr)
+    for path in stale_outputs(args.out_dir, split, coco):
+        print(f"castseg split: warning: {path} is from an earlier run; this split has no such part "
+              "(see split.json)", file=sys.stderr)
     return 0

@@ -16,6 +16,9 @@ original images folder, relative to the output folder) that :func:`castseg.data.
 honours, so ``castseg eval --gt DIR/val.json`` and the datasets need no extra flag.
 ``unlabeled.json`` has no ``"annotations"`` key at all, so nothing can mistake it for a labeled
 set whose images have zero instances (``load_coco`` without ``require_annotations=False`` fails).
+When the source annotates the unlabeled images, their annotations are kept aside in
+``unlabeled_gt.json`` (same images as ``unlabeled.json``): only for measuring how good the
+pseudo-labels are (config ``data.unlabeled_gt``); no training stage reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from castseg.data.coco_io import CocoData, images_root_entry, write_json
 from castseg.errors import InputError
 
 MANIFEST_FORMAT = "castseg-split/1"
-OUTPUT_NAMES = ("labeled.json", "unlabeled.json", "val.json", "split.json")
+OUTPUT_NAMES = ("labeled.json", "unlabeled.json", "unlabeled_gt.json", "val.json", "split.json")
 
 
 @dataclass
@@ -213,7 +216,8 @@ def coco_subset(coco: CocoData, ids: list[int], out_dir: str | Path, with_annota
 def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
                 labeled_fraction: float | None, val_fraction: float,
                 labeled_ids_file: str | Path | None = None) -> dict[str, Path]:
-    """Write ``labeled.json``, ``unlabeled.json``, ``val.json`` (only with a val split) and the
+    """Write ``labeled.json``, ``unlabeled.json``, ``unlabeled_gt.json`` (only when the source has
+    annotations on the unlabeled images), ``val.json`` (only with a val split) and the
     ``split.json`` manifest into ``out_dir``; returns the written paths by part name."""
     out_dir = Path(out_dir)
     src = coco.path.resolve()
@@ -225,6 +229,8 @@ def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
 
     written: dict[str, Path] = {}
     parts = [("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False)]
+    if has_unlabeled_gt(coco, split):
+        parts.append(("unlabeled_gt", split.unlabeled, True))
     if split.val:
         parts.append(("val", split.val, True))
     for name, ids, with_ann in parts:
@@ -249,6 +255,7 @@ def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
             "unlabeled": len(split.unlabeled),
             "val": len(split.val),
             "labeled_annotations": n_ann["labeled"],
+            "unlabeled_annotations": n_ann.get("unlabeled_gt", 0),
             "val_annotations": n_ann.get("val", 0),
         },
         "files": {name: f"{name}.json" for name in written},
@@ -259,10 +266,19 @@ def write_split(coco: CocoData, split: Split, out_dir: str | Path, seed: int,
     return written
 
 
-def stale_outputs(out_dir: str | Path, split: Split) -> list[Path]:
-    """Files in ``out_dir`` from an earlier run that this split does not rewrite."""
-    val = Path(out_dir) / "val.json"
-    return [val] if not split.val and val.exists() else []
+def has_unlabeled_gt(coco: CocoData, split: Split) -> bool:
+    """Whether the source annotates any unlabeled image (an images-only source does not)."""
+    return any(coco.anns_by_image[i] for i in split.unlabeled)
+
+
+def stale_outputs(out_dir: str | Path, split: Split, coco: CocoData | None = None) -> list[Path]:
+    """Files in ``out_dir`` from an earlier run that this split does not rewrite (``coco``, the
+    split's source, tells whether ``unlabeled_gt.json`` was rewritten)."""
+    val, gt = Path(out_dir) / "val.json", Path(out_dir) / "unlabeled_gt.json"
+    stale = [val] if not split.val and val.exists() else []
+    if coco is not None and not has_unlabeled_gt(coco, split) and gt.exists():
+        stale.append(gt)
+    return stale
 
 
 __all__ = ["Split", "make_split", "match_labeled_ids", "read_id_list", "write_split", "count_for",

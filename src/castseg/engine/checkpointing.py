@@ -120,6 +120,19 @@ def save_model_weights(folder: Path, model: nn.Module, step: int, class_names: S
                 "extra": extra or {}}, folder / META_NAME, indent=2)
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of ``model``'s state dict (keys and bytes, in sorted key order): a stage's
+    starting point, so a run can tell whether the stage before it was redone."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}\0{v.dtype}\0{list(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())  # as bytes: numpy has no bfloat16
+    return h.hexdigest()
+
+
 def load_model_weights(folder: Path, model: nn.Module) -> None:
     """Load ``folder/model.safetensors`` into ``model`` (strict: same architecture)."""
     from safetensors.torch import load_file

@@ -32,16 +32,43 @@ from castseg.config import TrainConfig
 from castseg.engine.checkpointing import (capture_rng, find_checkpoint, json_safe, load_model_weights,
                                           optimizer_from_tensors, preserved_rng, read_best, remove_partial,
                                           restore_rng, rng_from_bytes, rng_to_bytes, save_best,
-                                          save_trainer_checkpoint, seed_everything)
+                                          save_trainer_checkpoint, seed_everything, weights_sha256)
 from castseg.engine.data import BatchStream, derive_seed, to_device
 from castseg.engine.distributed import (DistInfo, all_reduce_mean, allreduce_gradients, barrier, broadcast_json,
                                         gather_bytes, init_distributed, wrap_model)
 from castseg.engine.logs import TrainLogger
 from castseg.engine.optim import Precision, build_optimizer, build_scheduler
 from castseg.errors import CastsegError
+from castseg.stale import move_aside
 
 LossFn = Callable[[nn.Module, dict[str, Any], int], Mapping[str, Any]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["loss.temperature 0.1 -> 0.2", "labeled changed", ...]`` for the leaves of two nested
+    mappings that differ; a hash (64 hex digits) says only "changed": its value means nothing."""
+    a, b = _flat(old), _flat(new)
+
+    def is_hash(v: Any) -> bool:
+        return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if va != vb:
+            out.append(f"{k} changed" if is_hash(va) or is_hash(vb) else f"{k} {va!r} -> {vb!r}")
+    return out
 
 
 class TrainingDiverged(CastsegError):
@@ -88,6 +115,10 @@ class Trainer:
             default encoder/head split.
         name: stage name (logs, checkpoint metadata).
         class_names, run_config: stored in the model checkpoint json.
+        inputs: JSON-able description of what else the stage learns from (data contents, loss
+            settings, pseudo-labels' identity). Saved with every checkpoint together with the
+            sha256 of the model as given to :meth:`fit` (the stage's starting point); resuming
+            compares both, like the train config's :attr:`TrainConfig.TRAJECTORY` fields.
         dist: from :func:`~castseg.engine.distributed.init_distributed` (called here when None).
     """
 
@@ -95,13 +126,15 @@ class Trainer:
                  cfg: TrainConfig, run_dir: str | Path, evaluate_fn: EvaluateFn | None = None,
                  param_groups: Iterable[Any] | None = None, name: str = "stage",
                  class_names: Sequence[str] | None = None, run_config: dict | None = None,
-                 dist: DistInfo | None = None):
+                 dist: DistInfo | None = None, inputs: Mapping[str, Any] | None = None):
         if not loaders:
             raise ValueError("Trainer needs at least one data stream")
         self.cfg, self.loss_fn, self.evaluate_fn, self.name = cfg, loss_fn, evaluate_fn, name
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.class_names, self.run_config = class_names, run_config
+        self.inputs = dict(inputs or {})
+        self._inputs: dict[str, Any] = {}  # self.inputs + the initial weights' hash, set by fit()
         self.dist = dist or init_distributed(cfg.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
@@ -126,36 +159,29 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def fit(self, resume: bool = True) -> dict[str, Any]:
+    def fit(self, resume: bool | str = True) -> dict[str, Any]:
         """Train to ``max_steps`` (resuming when ``resume`` and a checkpoint exists) and return
         the result ``{"stage", "step", "train" (last logged terms), "val" (last validation),
         "best_val", "elapsed_s", "checkpoint"}``, the same on every rank.
 
         A fresh start seeds Python, NumPy and torch from ``(cfg.seed, rank)``; ``resume=False``
-        deletes this stage's checkpoints first and retrains from the model as given."""
+        deletes this stage's checkpoints first and retrains from the model as given. An earlier
+        run with other settings (train config, ``inputs``, initial weights) is refused with
+        ``resume=True``; ``resume="auto"`` moves its folder aside (``<run_dir>.stale-<n>``) and
+        starts over. Each way, one line says what happened to the earlier run."""
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
         cfg, info = self.cfg, self.dist
-        if info.is_main:
-            remove_partial(self.ckpt_dir)
-            if not resume:  # start over: an old checkpoint must not be resumed if this run dies early
-                for d in ("last", "last.old", "best", "best.old"):
-                    shutil.rmtree(self.ckpt_dir / d, ignore_errors=True)
-        barrier(info)
-        ckpt = find_checkpoint(self.last_dir) if resume else None
-        # Every rank must resume from the same step (multi-node: the run dir must be shared).
-        main_step = broadcast_json(ckpt.step if ckpt else None, info)
-        if main_step != (ckpt.step if ckpt else None):
-            raise CastsegError(f"{self.last_dir}: rank {info.rank} sees checkpoint step "
-                               f"{ckpt.step if ckpt else None}, rank 0 sees {main_step}; for resuming, every node "
-                               f"needs the run directory on a shared filesystem")
+        self._inputs = json_safe({**self.inputs, "initial_weights": weights_sha256(self.model)})
+        ckpt = self._earlier_run(resume)
         if ckpt is not None:
-            self._check_compatible(ckpt.state)
             if ckpt.complete:
                 # The finished model, so a pipeline can go on to the next stage with it.
                 load_model_weights(ckpt.path, self.model)
                 self.step = ckpt.step
                 if info.is_main:
-                    print(f"[{self.name}] already complete at step {ckpt.step} ({ckpt.path}); skipping "
-                          f"(resume=False retrains)", file=sys.stderr, flush=True)
+                    print(f"[{self.name}] finished earlier with the same settings, reused (step {ckpt.step}, "
+                          f"{ckpt.path})", file=sys.stderr, flush=True)
                 # The checkpoint as it is now: the run directory may have moved since it finished.
                 return {**(ckpt.state.get("result") or {}), "checkpoint": str(self.last_dir)}
             self._restore(ckpt)
@@ -169,7 +195,8 @@ class Trainer:
         try:
             if ckpt is not None and info.is_main:
                 self._drop_stale_best()
-                logger.message(f"[{self.name}] resumed from step {self.step} ({ckpt.path})")
+                logger.message(f"[{self.name}] interrupted earlier with the same settings, resumed from step "
+                               f"{self.step} ({ckpt.path})")
             validated_at = -1
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -272,7 +299,7 @@ class Trainer:
         if info.is_main:
             assert self.logger is not None
             state = {"stage": self.name, "step": self.step, "complete": complete, "result": result,
-                     "train_config": self.cfg.to_dict(), "world_size": info.world_size,
+                     "train_config": self.cfg.to_dict(), "inputs": self._inputs, "world_size": info.world_size,
                      "scheduler": json_safe(self.scheduler.state_dict()),
                      "scaler": json_safe(self.precision.scaler.state_dict()) if self.precision.scaler else None,
                      "data": {k: s.state_dict() for k, s in self.streams.items()},
@@ -282,13 +309,45 @@ class Trainer:
             self.logger.flush()
         barrier(info)
 
-    def _check_compatible(self, state: dict[str, Any]) -> None:
+    def _earlier_run(self, resume: bool | str) -> Any:
+        """The checkpoint to resume from or reuse, None to start fresh (see :meth:`fit`)."""
+        info = self.dist
+        if info.is_main:
+            remove_partial(self.ckpt_dir)
+            if not resume:  # start over: an old checkpoint must not be resumed if this run dies early
+                for d in ("last", "last.old", "best", "best.old"):
+                    shutil.rmtree(self.ckpt_dir / d, ignore_errors=True)
+        barrier(info)
+        ckpt = find_checkpoint(self.last_dir) if resume else None
+        # Every rank must resume from the same step (multi-node: the run dir must be shared).
+        main_step = broadcast_json(ckpt.step if ckpt else None, info)
+        if main_step != (ckpt.step if ckpt else None):
+            raise CastsegError(f"{self.last_dir}: rank {info.rank} sees checkpoint step "
+                               f"{ckpt.step if ckpt else None}, rank 0 sees {main_step}; for resuming, every node "
+                               f"needs the run directory on a shared filesystem")
+        changes = self._changes(ckpt.state) if ckpt is not None else []
+        if not changes:
+            return ckpt
+        if resume != "auto":
+            raise CastsegError(f"{self.last_dir}: this checkpoint (step {ckpt.step}) was trained with other "
+                               f"settings ({', '.join(changes)}); use a new run directory, start over with "
+                               f"resume=False (--no-resume), or set the earlier run aside and start over with "
+                               f"resume='auto' (--restart-changed)")
+        if info.is_main:
+            aside = move_aside(self.run_dir)
+            print(f"[{self.name}] settings changed since the earlier run ({', '.join(changes)}), starting over "
+                  f"(the earlier run is kept in {aside})", file=sys.stderr, flush=True)
+        barrier(info)
+        return None
+
+    def _changes(self, state: dict[str, Any]) -> list[str]:
+        """What differs between the run that wrote ``state`` and this one, as ``"key old -> new"``."""
         saved, now = state.get("train_config") or {}, self.cfg.to_dict()
-        diff = [k for k in TrainConfig.TRAJECTORY if k in saved and json_safe(saved[k]) != now[k]]
-        if diff:
-            changes = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in diff)
-            raise CastsegError(f"{self.last_dir}: this checkpoint (step {state['step']}) was trained with other "
-                               f"settings ({changes}); use a new run directory, or start over with resume=False")
+        diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in TrainConfig.TRAJECTORY
+                if k in saved and json_safe(saved[k]) != now[k]]
+        if "inputs" in state:  # checkpoints from before inputs were recorded: train config only
+            diff += describe_changes(state["inputs"], self._inputs)
+        return diff
 
     def _restore(self, ckpt: Any) -> None:
         state, info = ckpt.state, self.dist

@@ -25,12 +25,16 @@ FORMAT = "castseg-pseudo-labels"
 IDENTITY_KEYS = ("teacher_sha256", "images_sha256", "class_names", "categories", "min_score", "max_size", "chunk_size")
 
 
+# Files beside the cache ``P.json``: ``P.json.manifest.json`` and, while a pass runs, ``P.json.parts/``.
+COMPANIONS = (".manifest.json", ".parts")
+
+
 def manifest_path(out: str | Path) -> Path:
-    return Path(str(out) + ".manifest.json")
+    return Path(str(out) + COMPANIONS[0])
 
 
 def parts_dir(out: str | Path) -> Path:
-    return Path(str(out) + ".parts")
+    return Path(str(out) + COMPANIONS[1])
 
 
 def images_sha256(source: Path, ds: UnlabeledImageDataset) -> str:

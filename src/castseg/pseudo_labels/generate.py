@@ -23,7 +23,8 @@ from castseg.data.dataset import UnlabeledImageDataset
 from castseg.errors import CastsegError, InputError
 from castseg.eval.results import instances_to_results
 from castseg.models.inference import resize_masks
-from castseg.pseudo_labels.cache import FORMAT, IDENTITY_KEYS, images_sha256, manifest_path, parts_dir
+from castseg.pseudo_labels.cache import COMPANIONS, FORMAT, IDENTITY_KEYS, images_sha256, manifest_path, parts_dir
+from castseg.stale import move_aside
 
 
 def dist_info(init: bool = True) -> tuple[int, int]:
@@ -142,16 +143,25 @@ def _predict_chunk(teacher: Any, batches: Any, names: list[str], cat_of: np.ndar
     return records
 
 
-def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool) -> str:
-    """Rank 0: ``"done"`` (a finished identical cache), ``"run"`` (fresh or resumed pass)."""
+def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool, restart_changed: bool = False) -> str:
+    """Rank 0: ``"done"`` (a finished identical cache), ``"run"`` (fresh or resumed pass). A cache
+    made with other settings is refused, or with ``restart_changed`` moved aside (never deleted)."""
     mpath = manifest_path(out)
     old = read_json(mpath) if mpath.exists() and not overwrite else None
+    changed = [k for k in IDENTITY_KEYS if old is not None and old.get(k) != manifest[k]]
+    if changed and restart_changed:
+        aside = move_aside(out, COMPANIONS)
+        print(f"[pseudo-labels {out.name}] made earlier with a different {', '.join(changed)}, starting over "
+              f"(the earlier cache is kept as {aside})", file=sys.stderr, flush=True)
+        old = None
+    elif changed:
+        k = changed[0]
+        raise InputError(mpath, f"this cache was made with a different {k} ({old.get(k)!r}, now "
+                         f"{manifest[k]!r}); pass --overwrite to discard it or choose another --out")
     if old is not None:
-        for k in IDENTITY_KEYS:
-            if old.get(k) != manifest[k]:
-                raise InputError(mpath, f"this cache was made with a different {k} ({old.get(k)!r}, now "
-                                 f"{manifest[k]!r}); pass --overwrite to discard it or choose another --out")
         if old.get("finished") and out.is_file():
+            print(f"[pseudo-labels {out.name}] finished earlier with the same teacher and images, reused",
+                  file=sys.stderr, flush=True)
             return "done"
         manifest["created"] = old.get("created", manifest["created"])
     else:
@@ -194,12 +204,14 @@ def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
                            teacher_info: dict[str, Any] | None = None, images_root: str | Path | None = None,
                            class_names: Sequence[str] | None = None, batch_size: int = 1, min_score: float = 0.05,
                            chunk_size: int = 64, max_size: int | None = None, overwrite: bool = False,
-                           progress: bool = True, num_workers: int = 0) -> dict[str, Any]:
+                           progress: bool = True, num_workers: int = 0, restart_changed: bool = False
+                           ) -> dict[str, Any]:
     """Pseudo-label ``images`` (COCO json or folder) with ``teacher`` (``predict(images [B,3,H,W]
     in [0,1], class_names)`` → B dicts ``masks`` bool [K,H,W], ``scores`` [K], ``labels`` [K])
     into ``out``; see the module docstring. ``teacher_info`` (from :func:`load_teacher`) is
     what identifies the teacher for resuming; ``max_size`` resizes inputs (masks come back at
-    full size); ``num_workers`` threads decode images. Returns the manifest."""
+    full size); ``num_workers`` threads decode images; ``restart_changed`` sets a cache made
+    with other settings aside (``P.stale-<n>.json``) instead of refusing it. Returns the manifest."""
     if batch_size < 1 or chunk_size < 1:
         raise CastsegError("--batch-size and --chunk-size must be ≥ 1")
     source, out = Path(images), Path(out)
@@ -214,7 +226,7 @@ def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
                 "images": str(source), "images_sha256": images_sha256(source, ds), "num_images": len(ds),
                 "num_instances": None, "finished": False,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if _on_rank0(lambda: _prepare(out, manifest, overwrite), rank, world) == "done":
+    if _on_rank0(lambda: _prepare(out, manifest, overwrite, restart_changed), rank, world) == "done":
         return read_json(manifest_path(out))
 
     mine = [k for k in range(len(chunk_ids)) if k % world == rank]

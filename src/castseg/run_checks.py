@@ -1,0 +1,100 @@
+"""What every run reports about its own premise and its pseudo-labels.
+
+CAST helps only when the adapted teacher knows the target better than a student trained on the
+labels alone, so each run records the *premise ratio* ``teacher_adapted AP / student_supervised
+AP`` (CAST needs > 1). When the unlabeled images' own annotations are known (``castseg split``
+sets them aside in ``unlabeled_gt.json``; config ``data.unlabeled_gt``), the cached pseudo-labels
+are scored against them too: how good the targets the student learns from are. Those annotations
+are read here only; no stage trains on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from castseg.data.coco_io import CocoData, load_coco, read_json
+from castseg.errors import InputError
+
+PREMISE = "premise: adapted teacher / supervised-only student"
+# metrics["pseudo_labels"] keys (the cache files' stems) → the stage whose teacher made them
+PSEUDO_LABEL_SOURCES = {"adapt_a": "adapt/a", "teacher": "adapt/c"}
+
+
+def premise_ratio(metrics: dict[str, Any]) -> float | None:
+    """``teacher_adapted AP / student_supervised AP``; None when either is missing or undefined
+    (COCO's -1) or the supervised AP is 0 (no ratio to speak of)."""
+    teacher = (metrics.get("teacher_adapted") or {}).get("AP")
+    student = (metrics.get("student_supervised") or {}).get("AP")
+    if teacher is None or student is None or teacher < 0 or student <= 0:
+        return None
+    return teacher / student
+
+
+def premise_text(metrics: dict[str, Any]) -> str:
+    """One line for the printed table and the report."""
+    ratio = premise_ratio(metrics)
+    if ratio is not None:
+        return f"{PREMISE} = {ratio:.2f}x (CAST needs > 1)"
+    if (metrics.get("teacher_adapted") or {}).get("AP") is None:
+        why = "no adapted-teacher AP"
+    elif (metrics.get("student_supervised") or {}).get("AP") is None:
+        why = "no supervised-only AP"
+    else:
+        why = "the supervised-only AP is 0"
+    return f"{PREMISE} = — ({why})"
+
+
+def load_unlabeled_gt(cfg: dict[str, Any]) -> CocoData | None:
+    """``data.unlabeled_gt`` loaded and checked to hold exactly the unlabeled set's images
+    (same ids and file names); None when the config has none."""
+    from castseg.config import DataConfig
+    from castseg.data.dataset import UnlabeledImageDataset
+
+    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    if not data.unlabeled_gt:
+        return None
+    path = Path(data.unlabeled_gt)
+    if not path.is_file():
+        raise InputError(path, "data.unlabeled_gt: no such file (expected the unlabeled images' own annotations, "
+                         "e.g. castseg split's unlabeled_gt.json)")
+    gt = load_coco(path, data.images_root)
+    unlabeled = {i: name for i, name, _, _ in UnlabeledImageDataset(data.unlabeled, data.images_root,
+                                                                     strong_view=False).items}
+    ours = {img["id"]: img["file_name"] for img in gt.images}
+    only_gt = sorted(i for i in ours if unlabeled.get(i) != ours[i])
+    only_unl = sorted(i for i in unlabeled if ours.get(i) != unlabeled[i])
+    if only_gt or only_unl:
+        raise InputError(path, f"its images differ from the unlabeled set {data.unlabeled} ({len(only_gt)} image(s) "
+                         f"only here, {len(only_unl)} only there; first ids {(only_gt or only_unl)[:5]}); "
+                         f"data.unlabeled_gt must annotate exactly the unlabeled images")
+    return gt
+
+
+def pseudo_label_ap(gt: CocoData, results: str | Path, max_dets: int) -> dict[str, float]:
+    """Mask AP / AP50 of a pseudo-label cache (a COCO results list) against ``gt``."""
+    from castseg.eval.coco_eval import evaluate_coco
+
+    records = read_json(results)
+    if not isinstance(records, list):
+        raise InputError(results, "not a COCO results list")
+    ids = {r["image_id"] for r in records if isinstance(r, dict) and isinstance(r.get("image_id"), int)}
+    missing = sorted(ids - set(gt.image_by_id))
+    if missing:
+        raise InputError(results, f"{len(missing)} image id(s) are not images of the ground truth {gt.path} "
+                         f"(first: {missing[:5]}); the pseudo-labels and the ground truth cover different images")
+    stats = evaluate_coco(gt, records, "segm", max_dets=max_dets)
+    return {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+
+def record_pseudo_labels(cfg: dict[str, Any], metrics: dict[str, Any], key: str, results: str | Path) -> None:
+    """``metrics["pseudo_labels"][key] = {AP, AP50, file}`` when ``data.unlabeled_gt`` is set."""
+    from castseg.config import EvalConfig
+
+    gt = load_unlabeled_gt(cfg)
+    if gt is None:
+        return
+    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
+    entry = metrics.setdefault("pseudo_labels", {})
+    entry.update(ground_truth=str(gt.path), num_images=len(gt.images))
+    entry[key] = {**pseudo_label_ap(gt, results, ev.max_dets), "file": str(results)}
