@@ -355,3 +355,33 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
         assert find_checkpoint(run / "checkpoints" / "last").complete
         assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "log.csv", "tensorboard",
                                                          "val_metrics.json", "val_metrics.jsonl"]
+
+
+def test_channels_last_trains_the_same_weights(tmp_path):
+    from castseg.models import StudentConfig, build_student
+
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(model, batches, step):
+        out = model(batches["labeled"])
+        return {"loss": out["pred_masks"].pow(2).mean() + out["pred_logits"].pow(2).mean()}
+
+    torch.manual_seed(0)
+    start = build_student(StudentConfig.from_preset("lite_student", pretrained=False, dec_layers=1,
+                                                    num_queries=8)).state_dict()
+    weights = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = build_student(StudentConfig.from_preset("lite_student", pretrained=False, dec_layers=1,
+                                                        num_queries=8))
+        cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-3, ckpt_every=0, log_every=1, device="cpu",
+                          channels_last=cl, seed=0)
+        stream = BatchStream(images, 4, collate_fn=torch.stack, shuffle=False)
+        Trainer(model, loss_fn, {"labeled": stream}, cfg, tmp_path / str(cl)).fit()
+        conv = model.encoder._conv_stem.weight  # [32,3,3,3]: the two layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == cl
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    moved = max((weights[1][k] - v).abs().max().item() for k, v in weights[0].items() if v.is_floating_point())
+    assert moved < 1e-4
+    trained = max((weights[0][k] - v).abs().max().item() for k, v in start.items() if v.is_floating_point())
+    assert trained > 1e-3  # the comparison is between two runs that did move the weights

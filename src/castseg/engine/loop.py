@@ -138,6 +138,8 @@ class Trainer:
         self.dist = dist or init_distributed(cfg.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # in place: the caller's model, as trained
         self.optimizer = build_optimizer(self.model, cfg, param_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.precision = Precision(cfg.amp, self.device)
