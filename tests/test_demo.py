@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from castseg import cli
 from castseg.commands.demo import embedded_default, results_table, standins
@@ -35,29 +36,40 @@ def test_results_table_prints_percent_ap_params_and_latency_per_row():
     assert lines[5] == "premise: adapted teacher / supervised-only student = — (no adapted-teacher AP)"
 
 
-def test_standins_are_small_fp16_and_match_their_recipe():
+def test_standins_are_small_whole_models_that_match_their_recipe():
     import hashlib
 
-    teacher, encoder = standins()
+    from safetensors import safe_open
+
+    teacher, student = standins()
     recipe = json.loads((teacher.parent / "recipe.json").read_text())
     for model in ("teacher", "student"):
         for rel, info in recipe["models"][model]["files"].items():
             f = teacher.parent / rel
             assert hashlib.sha256(f.read_bytes()).hexdigest() == info["sha256"], rel
+        # the recipe reports both numbers the issue asks for, from a real evaluation
+        for key in ("source_val", "target_zero_shot"):
+            assert 0 < recipe["models"][model][key]["AP"] < recipe["models"][model][key]["AP50"], (model, key)
     # the target domain (embedded histology images) is never in the stand-ins' source data
     target = {Path(img["file_name"]).stem for img in load_coco(embedded_default()).images}
     source = {Path(n).stem for n in recipe["source"]["file_names"]}
-    assert source and not source & target
-    from safetensors import safe_open
+    assert len(source) == 478 and not source & target
 
-    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
-        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
-    assert "I8" in dtypes and dtypes <= {"I8", "F16", "F32"}  # int8 matrices, fp16 rest, fp32 scales
-    assert (teacher / "model.safetensors").stat().st_size < 20e6
-    model, meta = load_checkpoint(teacher)  # small on disk, fp32 in memory
-    assert next(model.parameters()).dtype.is_floating_point and next(model.parameters()).dtype.itemsize == 4
-    student_params = 1.56e6
-    assert 6 < sum(p.numel() for p in model.parameters()) / student_params < 12
+    def dtypes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    assert "I8" in dtypes(teacher) and dtypes(teacher) <= {"I8", "F16", "F32"}  # int8 matrices, fp16 rest
+    assert dtypes(student) == {"F16"}
+    assert (teacher / "model.safetensors").stat().st_size < 15e6
+    assert (student / "model.safetensors").stat().st_size < 8e6
+    t, t_meta = load_checkpoint(teacher)  # small on disk, fp32 in memory
+    s, s_meta = load_checkpoint(student)
+    assert next(t.parameters()).dtype == torch.float32
+    assert t_meta["architecture"]["encoder_config"] == {"model_type": "efficientnet_lite", "variant": "lite2"}
+    assert s_meta["architecture"]["encoder_config"] == {"model_type": "efficientnet_lite", "variant": "lite0"}
+    ratio = sum(p.numel() for p in t.parameters()) / sum(p.numel() for p in s.parameters())
+    assert 3.0 < ratio < 4.0
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,25 @@ def source_sets(dsb: Path, work: Path) -> tuple[Path, Path, list[str]]:
     return out[0], out[1], sorted(img["file_name"] for img in train.images)
 
 
-def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
+def _settings(cfg: dict) -> dict:
+    """A phase's settings without machine-specific paths (to match a shipped phase)."""
+    data = {k: v for k, v in cfg["data"].items() if k not in ("labeled", "val")}
+    train = {k: v for k, v in cfg["train"].items() if k != "device"}
+    return {"model": cfg["model"], "train": train, "data": data, "loss": cfg["loss"]}
+
+
+def shipped_phases(which: str, out: Path) -> list[dict]:
+    """The phases the stand-in shipped in ``out`` already holds, from its recipe.json."""
+    recipe = out / "recipe.json"
+    if not recipe.is_file():
+        return []
+    return json.loads(recipe.read_text()).get("models", {}).get(which, {}).get("phases", [])
+
+
+def train_one(which: str, train_json: Path, val_json: Path, work: Path, out: Path) -> dict:
+    """Train ``which``'s phases in turn. A phase that is missing from ``work`` but is in the shipped
+    stand-in with the same settings is taken from the shipped weights (int8/fp16, dequantized),
+    so a later session continues the recipe by adding a phase to MODELS."""
     import torch
 
     from castseg import stages
@@ -121,12 +139,20 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path) -> dict:
         cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
                "data": {**data_cfg, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
         name = which if k == 1 else f"{which}_phase{k}"
+        shipped = shipped_phases(which, out)
+        if not (work / name).exists() and k <= len(shipped) and \
+                _settings(shipped[k - 1]["config"]) == _settings(cfg):
+            print(f"{name}: taken from the shipped stand-in {out / which} (same settings)", flush=True)
+            model.load_state_dict(load_checkpoint(out / which)[0].state_dict())
+            done.append({**shipped[k - 1], "checkpoint": str(out / which), "shipped": True})
+            continue
         if k > 1:  # phase k starts from phase k-1's final weights
             model.load_state_dict(load_checkpoint(done[-1]["checkpoint"])[0].state_dict())
         r = stages.train_stage(name, model, cfg, work, ["nucleus"], 0.0, 0.0)
         done.append({"config": cfg, "checkpoint": r["checkpoint"], "source_val": r.get("val"),
                      "target_zero_shot": zero_shot(model)})
-    return {"phases": [{k: v for k, v in d.items() if k != "checkpoint"} for d in done],
+    return {"phases": [{k: v for k, v in d.items() if k not in ("checkpoint", "shipped")} for d in done],
+            "trained_here": sum(not d.get("shipped") for d in done),
             "checkpoint": done[-1]["checkpoint"], "source_val": done[-1]["source_val"],
             "target_zero_shot": done[-1]["target_zero_shot"],
             "seconds_this_process": round(time.perf_counter() - t0, 1)}
@@ -163,7 +189,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "standins", help="training runs (resumable)")
     ap.add_argument("--which", choices=("teacher", "student", "both"), default="both")
+    ap.add_argument("--device", default="cpu", help="train.device of every phase (cuda: minutes, not hours)")
     args = ap.parse_args()
+    COMMON_TRAIN["device"] = args.device
     args.work.mkdir(parents=True, exist_ok=True)
     train_json, val_json, names = source_sets(args.dsb, args.work)
     which = ("teacher", "student") if args.which == "both" else (args.which,)
@@ -179,7 +207,10 @@ def main() -> None:
         "target": "colour (H&E histology) DSB2018 images: the embedded default; none is in the source",
     }
     for w in which:
-        res = train_one(w, train_json, val_json, args.work)
+        res = train_one(w, train_json, val_json, args.work, args.out)
+        if not res.pop("trained_here"):
+            print(f"{w}: every phase is already in the shipped stand-in; nothing to do", flush=True)
+            continue
         files = export(w, res, args.out)
         # read again: the other model may have been written by a parallel process meanwhile
         recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
