@@ -245,9 +245,14 @@ def pseudo_label(checkpoint: str | Path, cfg: dict[str, Any], out: Path, resume:
     """Run a frozen teacher once over D_u into a cached COCO results file (resumable; a cache
     by another teacher is refused, or set aside with ``resume="auto"``, redone with False)."""
     data = DataConfig.from_dict(cfg["data"], "config", "data")
+    opts = cfg.get("pseudo_labels") or {}
     teacher, info = load_teacher(checkpoint)
+    if opts.get("tta"):  # e.g. [h, v]: the teacher on flipped views, fused (castseg.models.tta)
+        from castseg.models.tta import with_tta
+
+        teacher, info = with_tta(teacher, info, opts["tta"])
     generate_pseudo_labels(teacher, data.unlabeled, out, teacher_info=info, images_root=data.images_root,
-                           max_size=(cfg.get("pseudo_labels") or {}).get("max_size"), overwrite=resume is False,
+                           max_size=opts.get("max_size"), overwrite=resume is False,
                            restart_changed=resume == "auto")
     return out
 

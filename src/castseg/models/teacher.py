@@ -309,8 +309,18 @@ def _ensemble(cfg: dict[str, Any]) -> Teacher:
     return _call_with_options("ensemble", EnsembleTeacher, {"teachers": [build_teacher(m) for m in members], **cfg})
 
 
+def _tta(cfg: dict[str, Any]) -> Teacher:
+    from castseg.models.tta import TTATeacher
+
+    cfg = dict(cfg)
+    member = cfg.pop("member", None)
+    if not isinstance(member, dict):
+        raise CastsegError("teacher type 'tta' needs 'member': a teacher config (e.g. {type: checkpoint, path: P})")
+    return _call_with_options("tta", TTATeacher, {"member": build_teacher(member), **cfg})
+
+
 TEACHER_TYPES: dict[str, Callable[[dict[str, Any]], Teacher]] = {
-    "grounded_sam": _grounded_sam, "checkpoint": _checkpoint, "ensemble": _ensemble}
+    "grounded_sam": _grounded_sam, "checkpoint": _checkpoint, "ensemble": _ensemble, "tta": _tta}
 
 
 def register_teacher(name: str, builder: Callable[[dict[str, Any]], Teacher]) -> None:
@@ -325,7 +335,8 @@ def build_teacher(cfg: dict[str, Any]) -> Teacher:
     - ``{"type": "grounded_sam", **GroundedSAMTeacher options}`` or ``{"type": "grounded_sam",
       "path": DIR}`` (a teacher saved with ``save_pretrained``);
     - ``{"type": "checkpoint", "path": P, "postprocess_kwargs": {...}}``: a castseg checkpoint;
-    - ``{"type": "ensemble", "members": [cfg, ...], "weights": [...], "mask_nms_iou": 0.5}``.
+    - ``{"type": "ensemble", "members": [cfg, ...], "weights": [...], "mask_nms_iou": 0.5}``;
+    - ``{"type": "tta", "member": cfg, "flips": ["h", "v"]}``: the member on flipped views, fused.
     """
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise CastsegError(f"teacher config must be a mapping with a 'type' ({sorted(TEACHER_TYPES)})")
