@@ -64,3 +64,39 @@ def make_mask_folder_dataset(root: Path, n_images: int = 3, size: tuple[int, int
 @pytest.fixture
 def tiny_mask_folders(tmp_path: Path) -> Path:
     return make_mask_folder_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def onnx_matches_torch():
+    """``check(model, path, trace_shape, shapes)``: see :func:`_onnx_matches_torch`."""
+    return _onnx_matches_torch
+
+
+def _onnx_matches_torch(model, path: Path, trace_shape: tuple, shapes: list[tuple], atol: float = 1e-4) -> None:
+    """Export ``model``'s (logits, masks) heads traced at ``trace_shape`` with dynamic batch/size,
+    then check onnxruntime equals torch on every input shape in ``shapes``."""
+    import torch
+
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+
+    class Heads(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            o = self.m(x)
+            return o["pred_logits"], o["pred_masks"]
+
+    torch.onnx.export(Heads(model), (torch.rand(*trace_shape),), str(path), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["logits", "masks"],
+                      dynamic_axes={"images": {0: "b", 2: "h", 3: "w"}})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = Heads(model)(x)
+        for got, want in zip(sess.run(None, {"images": x.numpy()}), ref):
+            assert got.shape == tuple(want.shape)
+            assert (torch.from_numpy(got) - want).abs().max() < atol

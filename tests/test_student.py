@@ -176,31 +176,7 @@ def test_missing_pretrained_encoder_offline_is_a_clear_error(monkeypatch, tmp_pa
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
-def test_onnx_export_dynamic_shapes(tmp_path):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    model = tiny(dec_layers=2).eval()
-
-    class Export(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            o = self.m(x)
-            return o["pred_logits"], o["pred_masks"]
-
-    path = tmp_path / "tiny.onnx"
+def test_onnx_export_dynamic_shapes(tmp_path, onnx_matches_torch):
     # traced at a size needing no padding; must still pad other sizes
-    torch.onnx.export(Export(model), (torch.rand(1, 3, 128, 224),), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["logits", "masks"],
-                      dynamic_axes={"images": {0: "b", 2: "h", 3: "w"}})
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(1, 3, 100, 130), (2, 3, 96, 160)]:
-        x = torch.rand(*shape)
-        with torch.no_grad():
-            ref = Export(model)(x)
-        got = sess.run(None, {"images": x.numpy()})
-        for g, r in zip(got, ref):
-            assert g.shape == tuple(r.shape)
-            assert abs(torch.from_numpy(g) - r).max() < 1e-4
+    onnx_matches_torch(tiny(dec_layers=2).eval(), tmp_path / "tiny.onnx", (1, 3, 128, 224),
+                       [(1, 3, 100, 130), (2, 3, 96, 160)])
