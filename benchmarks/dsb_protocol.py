@@ -153,14 +153,15 @@ def efficiency(sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
 
     from castseg.bench import time_fn
     from castseg.commands.demo import standins
-    from castseg.models import StudentConfig, build_student, load_checkpoint
+    from castseg.models import load_checkpoint
 
     teacher, _ = load_checkpoint(standins()[0])
-    student = build_student(StudentConfig.from_preset("tiny", num_queries=200)).eval()
+    student, _ = load_checkpoint(standins()[1])
     rows = []
     for h, w in sizes:
         x = torch.rand(1, 3, h, w)
-        for name, net in (("teacher (stand-in)", teacher), ("student (tiny)", student)):
+        for name, net in (("teacher (lite_teacher stand-in)", teacher.eval()),
+                          ("student (lite_student stand-in)", student.eval())):
             with FlopCounterMode(display=False) as fc:
                 net(x)
             with torch.no_grad():
@@ -180,6 +181,21 @@ def _mean_sd(vals: list[float]) -> str:
         return f"{vals[0]:.2f}"
     return (f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} "
             f"({', '.join(f'{v:.2f}' for v in vals)})")
+
+
+def _extra_rows(runs: list[dict]) -> list[str]:
+    """The pseudo-labels' AP on the unlabeled images and the premise ratio (CAST needs > 1)."""
+    lines = []
+    for key, label in (("adapt_a", "pseudo-labels of θ_T' (stage 1b)"), ("teacher", "pseudo-labels of θ_T'' (distill)")):
+        got = [(m.get("pseudo_labels") or {}).get(key) for m in runs]
+        if got and all(got):
+            lines.append(f"| {label}, vs the unlabeled images' own labels | {_mean_sd([g['AP'] for g in got])} | "
+                         f"{_mean_sd([g['AP50'] for g in got])} |")
+    ratios = [m.get("premise_ratio") for m in runs]
+    if ratios and all(r is not None for r in ratios):
+        lines.append(f"| premise: adapted teacher / supervised-only (×) | "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)} | |")
+    return lines
 
 
 def render(out: Path) -> str:
@@ -213,6 +229,7 @@ def render(out: Path) -> str:
                         for metric in ("AP", "AP50")}
                 lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
                              f"{_mean_sd(diff['AP50'])} |")
+            lines += _extra_rows(list(seeds.values()))
             lines.append("")
     eff = out / "efficiency.json"
     if eff.is_file():
