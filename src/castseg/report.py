@@ -1,8 +1,10 @@
-"""The run report: one table of every model, efficiency, loss and Δ/FNR curves, overlays.
+"""The run report: one table of every model, efficiency, per-stage training curves, overlays.
 
 `write_report(run_dir, metrics, ...)` writes ``report.md`` and ``report.html``; the HTML is one
-self-contained file (plots and overlays inlined as base64 PNG) that opens offline. Curves come
-from each stage's ``log.csv`` (written by the engine); nothing here trains or evaluates.
+self-contained file (plots and overlays inlined as base64 PNG) that opens offline. The curves —
+loss terms, the pixel contrastive loss's Δ and FNR monitors, val mask AP — come from each
+stage's ``log.csv`` and ``val_metrics.jsonl`` (written by the engine) and are drawn with
+matplotlib's Agg backend, one figure per stage; nothing here trains or evaluates.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import base64
 import csv
 import html
 import io
+import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Rows of the table, in the order of the method (METHOD.md, Table 1 analogue).
 MODEL_ROWS = [
@@ -43,44 +49,94 @@ def read_log(path: Path) -> dict[str, list[float]]:
     return cols
 
 
+def read_val(path: Path) -> dict[str, list[float]]:
+    """Columns of an engine ``val_metrics.jsonl`` (one validation a line) as float lists; lines
+    cut by a kill and non-numeric values are skipped, missing metrics → NaN."""
+    if not path.is_file():
+        return {}
+    recs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    recs = [r for r in recs if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+    keys = dict.fromkeys(k for r in recs for k, v in r.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return {k: [float(r[k]) if isinstance(r.get(k), (int, float)) else float("nan") for r in recs] for k in keys}
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
-def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
-                size: tuple[int, int] = (520, 260)) -> bytes:
-    """A line plot (PIL only: no matplotlib dependency) of ``{name: (x, y)}`` as PNG bytes."""
-    w, h = size
-    pad_l, pad_r, pad_t, pad_b = 48, 110, 22, 24
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad_l, 4), title, fill="black")
-    pts = [(float(x), float(y)) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(y)]
-    if not pts:
-        d.text((pad_l, h // 2), "no data", fill="gray")
-        return _png(img)
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
-    box = (pad_l, pad_t, w - pad_r, h - pad_b)
-    d.rectangle(box, outline="black")
-    d.text((2, pad_t), f"{y1:.3g}", fill="black")
-    d.text((2, h - pad_b - 10), f"{y0:.3g}", fill="black")
-    d.text((pad_l, h - pad_b + 4), f"{x0:g}", fill="black")
-    d.text((w - pad_r - 30, h - pad_b + 4), f"{x1:g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        c = colours[i % len(colours)]
-        line = [(box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
-                for x, y in zip(xs, ys) if np.isfinite(y)]
-        if len(line) > 1:
-            d.line(line, fill=c, width=2)
-        elif line:
-            d.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=c)
-        d.text((w - pad_r + 6, pad_t + 14 * i), name[:16], fill=c)
-    return _png(img)
+Series = dict[str, tuple[Sequence[float], Sequence[float]]]  # {legend name: (steps, values)}
+Panel = tuple[str, Series]  # (y-axis label, series)
+
+# Monitors of the pixel contrastive loss (METHOD.md): each on its own axes, their scales differ.
+MONITORS = (("pxl_margin", "margin Δ (pos − neg sim)"), ("pxl_fnr", "false-negative rate"))
+VAL_CURVES = ("AP", "AP50")
+DPI = 100
+PANEL_SIZE = (520, 260)  # pixels per panel; figures are two panels wide
+
+
+def stage_panels(stage_dir: Path) -> list[Panel]:
+    """The curves of one stage folder: loss terms, the Δ/FNR monitors, val mask AP — each that
+    has a value (refine logs the ``pxl_*`` columns of distill blank: it has no pixel loss)."""
+    log, val = read_log(stage_dir / "log.csv"), read_val(stage_dir / "val_metrics.jsonl")
+    log = log if "step" in log else {}
+    steps, val_steps = log.get("step", []), val.get("step", [])
+    panels: list[Panel] = [("loss", {k: (steps, v) for k, v in log.items() if k.startswith("loss")})]
+    panels += [(label, {k: (steps, log[k])}) for k, label in MONITORS if k in log]
+    panels.append(("val mask AP", {f"val {k}": (val_steps, val[k]) for k in VAL_CURVES if k in val}))
+    panels = [(y, {n: xy for n, xy in series.items() if np.isfinite(xy[1]).any()}) for y, series in panels]
+    return [(y, series) for y, series in panels if series]
+
+
+def curves_figure(panels: Sequence[Panel], title: str, size: tuple[int, int] | None = None) -> "Figure":
+    """A matplotlib figure (no pyplot state) of ``panels`` in a two-column grid: x axis "step",
+    y axis the panel's quantity, the legend right of its axes (never over the lines). ``size``
+    in pixels; default :data:`PANEL_SIZE` per panel."""
+    from matplotlib.figure import Figure
+
+    cols = 1 if len(panels) <= 1 else 2
+    rows = max(1, -(-len(panels) // cols))
+    w, h = size or (PANEL_SIZE[0] * 2, PANEL_SIZE[1] * rows)
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
+    fig.suptitle(title)
+    if not panels:
+        fig.text(0.5, 0.5, "no data", ha="center", va="center", color="gray")
+        return fig
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (ylabel, series) in zip(axes, panels):
+        for name, (xs, ys) in series.items():
+            pts = [(float(x), float(y)) for x, y in zip(xs, ys) if np.isfinite(y)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 12 else None,
+                    markersize=3, linewidth=1.5, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return fig
+
+
+def figure_png(fig: "Figure") -> bytes:
+    """``fig`` rendered by the Agg backend as PNG bytes (size: ``fig``'s size in pixels)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+def plot_curves(panels: Sequence[Panel], title: str, size: tuple[int, int] | None = None) -> bytes:
+    """:func:`curves_figure` as PNG bytes."""
+    return figure_png(curves_figure(panels, title, size))
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, title: str = "") -> bytes:
@@ -175,16 +231,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
     run_dir = Path(run_dir)
     plots: list[tuple[str, bytes]] = []
     for stage in stages:
-        log = read_log(run_dir / stage / "log.csv")
-        if "step" not in log:
-            continue
-        steps = log["step"]
-        losses = {k: (steps, v) for k, v in log.items() if k.startswith("loss")}
-        if losses:
-            plots.append((f"{stage}: losses", plot_curves(losses, f"{stage}: loss terms")))
-        monitors = {k: (steps, v) for k, v in log.items() if k in ("pxl_margin", "pxl_fnr")}
-        if monitors:
-            plots.append((f"{stage}: Δ and FNR", plot_curves(monitors, f"{stage}: margin Δ, false-negative rate")))
+        panels = stage_panels(run_dir / stage)
+        if panels:
+            plots.append((f"{stage}: training curves", plot_curves(panels, f"{stage}: training curves")))
     from castseg.run_checks import premise_text
 
     premise, tables = premise_text(metrics), report_tables(metrics, efficiency)
