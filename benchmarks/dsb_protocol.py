@@ -38,12 +38,10 @@ from pathlib import Path
 
 import torch
 
+from castseg.model_rows import MODEL_ROWS
+
 ROOT = Path(__file__).resolve().parents[1]
 DSB = ROOT.parent / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
-ROWS = [("teacher_zero_shot", "teacher zero-shot"), ("teacher_adapted", "teacher adapted (CAST stage 1)"),
-        ("student_supervised", "student supervised-only"), ("student_distilled", "student distilled"),
-        ("student_refined", "student refined (CAST)"),
-        ("classical_baseline", "classical Otsu + watershed (no learning)")]
 # protocol-specific settings on top of assets/demo.yaml
 PROTOCOL_OVERRIDES = {
     "domain": [],
@@ -215,7 +213,7 @@ def render(out: Path) -> str:
             lines += [f"**{variant}** (seeds {sorted(seeds)}; minutes per run "
                       f"{', '.join(str(round(m['seconds'] / 60, 1)) for m in seeds.values())})", "",
                       "| model | mask AP (%) | AP50 (%) |", "|---|---|---|"]
-            for key, label in ROWS:
+            for key, label, _ in MODEL_ROWS:
                 ap = [m[key]["AP"] for m in seeds.values() if (m.get(key) or {}).get("AP") is not None]
                 ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]
                 if ap:
@@ -257,7 +255,8 @@ def main() -> None:
         for seed in args.seeds:
             m = run_variant(args.protocol, variant, seed, args.out, args.set)
             print(f"{args.protocol} {variant} seed {seed}: " + ", ".join(
-                f"{k} {m[k]['AP']:.3f}" for k, _ in ROWS if (m.get(k) or {}).get("AP") is not None), flush=True)
+                f"{k} {m[k]['AP']:.3f}" for k, _, _ in MODEL_ROWS if (m.get(k) or {}).get("AP") is not None),
+                flush=True)
     if args.efficiency:
         rows = efficiency([(256, 320), (512, 512)], repeats=10)
         (args.out / "efficiency.json").write_text(json.dumps(rows, indent=1) + "\n")

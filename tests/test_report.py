@@ -76,3 +76,13 @@ def test_log_with_blank_cells_and_plot_without_data(tmp_path):
 def test_stage_panels_leave_out_columns_without_values(tmp_path):
     (tmp_path / "log.csv").write_text("step,loss,loss_pxl,pxl_margin,pxl_fnr\n10,2.0,,,\n20,1.0,,,\n")
     assert stage_panels(tmp_path) == [("loss", {"loss": ([10.0, 20.0], [2.0, 1.0])})]
+
+
+def test_model_table_labels_come_from_the_one_row_table():
+    from castseg.model_rows import MODEL_ROWS
+    from castseg.report import model_table
+
+    metrics = {row.key: {"AP": 0.5, "AP50": 0.75} for row in MODEL_ROWS}
+    assert [r[0] for r in model_table(metrics)[1:]] == [row.label for row in MODEL_ROWS]
+    assert model_table({"classical_baseline": {"AP": 0.07, "AP50": 0.17}})[1] == [
+        "classical Otsu + watershed", "0.070", "0.170", "—"]

@@ -20,17 +20,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from castseg.model_rows import MODEL_ROWS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-# Rows of the table, in the order of the method (METHOD.md, Table 1 analogue).
-MODEL_ROWS = [
-    ("teacher_zero_shot", "zero-shot teacher"),
-    ("teacher_adapted", "teacher, CAST adaptation"),
-    ("student_supervised", "student, supervised only"),
-    ("student_distilled", "student, CAST distillation"),
-    ("student_refined", "student, CAST refined"),
-]
 
 
 def read_log(path: Path) -> dict[str, list[float]]:
@@ -160,7 +153,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def model_table(metrics: dict[str, Any]) -> list[list[str]]:
     rows = [["model", "mask AP", "AP50", "checkpoint"]]
-    for key, label in MODEL_ROWS:
+    for key, label, _ in MODEL_ROWS:
         m = metrics.get(key)
         if isinstance(m, dict):
             rows.append([label, _fmt(m.get("AP")), _fmt(m.get("AP50")), str(m.get("checkpoint", "—"))])
@@ -221,7 +214,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
     """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir``.
 
     Args:
-        metrics: the run's ``metrics.json`` content (keys of :data:`MODEL_ROWS`; with
+        metrics: the run's ``metrics.json`` content (keys of :data:`castseg.model_rows.MODEL_ROWS`; with
             ``pseudo_labels`` also their AP on the unlabeled images; the premise ratio is
             computed from ``teacher_adapted`` and ``student_supervised``).
         efficiency: ``{model name: {"params", "gflops", "latency_ms"}}``.

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from castseg.errors import CastsegError
+from castseg.model_rows import MODEL_ROWS
 
 # The paper's models for `--pretrained` (hub ids; a connected machine, ideally with a GPU).
 PRETRAINED_TEACHER = {"type": "grounded_sam", "detector": "IDEA-Research/grounding-dino-base",
@@ -35,9 +36,6 @@ PRETRAINED_TEACHER = {"type": "grounded_sam", "detector": "IDEA-Research/groundi
                       "box_threshold": 0.3, "text_threshold": 0.25, "max_detections": 300}
 PRETRAINED_STUDENT = {"preset": "small", "encoder_name": "facebook/dinov2-small", "pretrained": True}
 OUT_DEFAULT, OUT_QUICK = "runs/demo", "runs/demo-quick"
-ROWS = (("teacher_zero_shot", "teacher zero-shot", "teacher"), ("teacher_adapted", "teacher adapted", "teacher"),
-        ("student_supervised", "student supervised-only", "student"),
-        ("student_distilled", "student distilled", "student"), ("student_refined", "student refined (CAST)", "student"))
 
 
 def asset(*parts: str) -> Path:
@@ -156,18 +154,14 @@ def results_table(metrics: dict[str, Any]) -> str:
     # COCO AP in percent, the paper's unit (0.42 reads better than 0.004)
     head = f"{'model':<26}{'AP (%)':>9}{'AP50 (%)':>10}{'params':>10}{'latency':>11}"
     lines = [head, "-" * len(head)]
-    for key, label, kind in ROWS:
+    for key, label, network in MODEL_ROWS:
         row = metrics.get(key) or {}
         if row.get("AP") is None:
             continue
-        e = eff[kind]
-        params = f"{e['params'] / 1e6:.2f}M" if e.get("params") else "—"
+        e = eff[network] if network else {}
+        params = "0" if network is None else f"{e['params'] / 1e6:.2f}M" if e.get("params") else "—"  # 0: classical
         lat = f"{e['latency_ms']:.0f} ms" if e.get("latency_ms") else "—"
         lines.append(f"{label:<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}{params:>10}{lat:>11}")
-    base = metrics.get("classical_baseline")
-    if base:
-        lines.append(f"{'classical Otsu+watershed':<26}{100 * base['AP']:>9.2f}{100 * base['AP50']:>10.2f}"
-                     f"{'0':>10}{'—':>11}")
     pseudo = metrics.get("pseudo_labels") or {}
     rows = [(f"pseudo-labels {stage} *", pseudo[key]) for key, stage in PSEUDO_LABEL_SOURCES.items() if key in pseudo]
     for label, row in rows:
@@ -243,5 +237,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport:  {out / 'report.html'}")
     print(f"student: {ckpt}\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds")
     print(f"done in {metrics['seconds']:.0f} s")
-    print(json.dumps({k: round(metrics[k]["AP"], 4) for k, _, _ in ROWS if (metrics.get(k) or {}).get("AP") is not None}))
+    print(json.dumps({k: round(metrics[k]["AP"], 4) for k, _, _ in MODEL_ROWS
+                      if (metrics.get(k) or {}).get("AP") is not None}))
     return 0
