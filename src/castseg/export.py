@@ -9,13 +9,12 @@ metadata so `castseg predict --onnx` needs nothing else.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from castseg.atomic import atomic_path
 from castseg.errors import CastsegError
 
 
@@ -62,35 +61,29 @@ def export_onnx(checkpoint: str | Path, out: str | Path, height: int = 512, widt
     model, meta = load_checkpoint(checkpoint)
     model.eval()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out, suffix=".onnx") as tmp:
         # Trace warnings are about shape-dependent Python branches; the parity check below (at
         # another size than traced, in the tests) is what proves the graph generalises.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(_Heads(model), (example,), tmp, dynamo=False, opset_version=opset,
+            torch.onnx.export(_Heads(model), (example,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["pred_logits", "pred_masks"],
                               dynamic_axes={"images": axes, "pred_logits": {0: "batch"},
                                             "pred_masks": {0: "batch", 2: "mask_h", 3: "mask_w"}})
-        proto = onnx.load(tmp)
+        proto = onnx.load(str(tmp))
         for key, value in (("class_names", json.dumps(meta["class_names"])), ("castseg_checkpoint", str(checkpoint)),
                            ("input", "images [B,3,H,W] float RGB in [0,1]")):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
+        onnx.save(proto, str(tmp))
         check = sample if sample is not None else torch.rand(1, 3, height, width,
                                                               generator=torch.Generator().manual_seed(1))
-        report = parity(model, Path(tmp), check)
+        report = parity(model, tmp, check)
         if not (report["max_abs_mask_prob"] < tolerance and report["same_topk"]):
             raise CastsegError(f"{out}: export refused, onnxruntime does not reproduce torch "
                                f"(max |Δ| mask probability {report['max_abs_mask_prob']:.2e}, tolerance "
                                f"{tolerance:.0e}; identical top-k: {report['same_topk']})")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return {"path": str(out), "opset": opset, "dynamic_size": dynamic_size, **report}

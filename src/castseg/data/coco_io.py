@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from castseg.atomic import atomic_open
 from castseg.data import masks as M
 from castseg.errors import InputError
 
@@ -36,16 +36,8 @@ def read_json(path: str | Path) -> Any:
 
 def write_json(obj: Any, path: str | Path, indent: int | None = None) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent)
 
 
 def resolve_in_root(root: str | Path, file_name: str, source: str = "") -> Path:

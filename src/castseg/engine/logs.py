@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
+from castseg.atomic import atomic_open, atomic_write_text
 from castseg.data.coco_io import write_json
 
 CSV_NAME = "log.csv"
@@ -124,19 +125,14 @@ class TrainLogger:
                 except json.JSONDecodeError:
                     continue  # a line cut by the kill
             self.val_history = [r for r in recs if isinstance(r, dict) and _as_int(r.get("step")) <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.val_history), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.val_history))
             self._write_val_summary()
 
     def _write_csv(self, fields: list[str], rows: list[dict[str, Any]]) -> None:
-        path = self.run_dir / CSV_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(self.run_dir / CSV_NAME, newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, path)
 
     # --- training steps ---
 

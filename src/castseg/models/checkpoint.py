@@ -15,15 +15,14 @@ in ``.safetensors`` / ``.json`` (the other file sits beside it with the same ste
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from castseg import __version__
+from castseg.atomic import atomic_path
 from castseg.data.coco_io import read_json, write_json
 from castseg.data.split import sha256_file
 from castseg.errors import CastsegError, InputError
@@ -105,17 +104,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict | None, cla
         raise CastsegError(f"quantize must be None or 'int8', got {quantize!r}")
     arch["pretrained"] = False  # the weights are in the checkpoint; rebuilding must not hit the hub
     weights, meta_path = checkpoint_paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
-    os.close(fd)
-    try:
+    with atomic_path(weights, suffix=".tmp") as tmp:
         state = quantize_int8(_cpu_state(model)) if quantize else _cpu_state(model)
-        save_file(state, tmp, metadata={"format": FORMAT})
-        digest, size = sha256_file(tmp), os.path.getsize(tmp)
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+        digest, size = sha256_file(tmp), tmp.stat().st_size
     import transformers
 
     meta = {
