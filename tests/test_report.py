@@ -57,6 +57,8 @@ def test_curves_figure_labels_axes_and_legends_with_the_series_names(tmp_path):
     assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes] == [["loss", "loss_sup"], ["val AP"]]
     assert list(axes[0].lines[0].get_xdata()) == [1.0, 3.0]  # NaN (blank cell) points are dropped, not drawn
     assert len(axes[0].get_yticklabels()) > 1
+    for ax in axes:  # no step 1.5, also around a single validation
+        assert all(float(t).is_integer() for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1])
     figure_png(fig)  # lays the figure out: legends right of their axes, inside the image
     for ax in axes:
         box, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()

@@ -104,17 +104,28 @@ def curves_figure(panels: Sequence[Panel], title: str, size: tuple[int, int] | N
         return fig
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (ylabel, series) in zip(axes, panels):
-        for name, (xs, ys) in series.items():
-            pts = [(float(x), float(y)) for x, y in zip(xs, ys) if np.isfinite(y)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 12 else None,
-                    markersize=3, linewidth=1.5, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+        _draw_panel(ax, ylabel, series)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return fig
+
+
+def _draw_panel(ax: Any, ylabel: str, series: Series) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    steps = []
+    for name, (xs, ys) in series.items():
+        pts = [(float(x), float(y)) for x, y in zip(xs, ys) if np.isfinite(y)]
+        steps += [p[0] for p in pts]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 12 else None,
+                markersize=3, linewidth=1.5, label=name)
+    if steps and min(steps) == max(steps):  # one validation: a step either side, not 2.84 … 3.16
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
 def figure_png(fig: "Figure") -> bytes:
