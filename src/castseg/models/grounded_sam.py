@@ -32,6 +32,10 @@ from castseg.models.teacher import Instances, Teacher, empty_instances, masks_to
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
 DEFAULT_SEGMENTER = "facebook/sam2.1-hiera-large"
+# (shortest, longest) edge of the detector input, as Grounding DINO's processor resizes; boxes
+# (= SAM2 mask prompts) kept per image.
+DETECTOR_SIZE = (800, 1333)
+MAX_DETECTIONS = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_JSON = "teacher.json"
@@ -84,6 +88,14 @@ def phrase_token_map(input_ids: Tensor, delimiter_ids: Tensor, length: int) -> T
     return F.pad(m, (0, length - m.shape[1]))[:, :length]
 
 
+def fit_size(h: int, w: int, size: Sequence[int]) -> tuple[int, int]:
+    """``(h, w)`` scaled (aspect kept) so the shortest edge is ``size[0]`` unless the longest
+    would then exceed ``size[1]``."""
+    short, long_ = size
+    scale = min(short / min(h, w), long_ / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def load_hf(loader: Any, name: str, option: str) -> Any:
     """``loader.from_pretrained(name)`` for a hub id or a local folder; failures become one
     :class:`CastsegError` line naming ``name`` and how to provide a local copy."""
@@ -130,11 +142,11 @@ class GroundedSAMTeacher(Teacher):
 
     def __init__(self, detector: str = DEFAULT_DETECTOR, segmenter: str = DEFAULT_SEGMENTER,
                  box_threshold: float = 0.3, text_threshold: float = 0.25, nms_iou: float = 0.7,
-                 mask_threshold: float = 0.0, max_detections: int = 100, train_detector: bool = True,
+                 mask_threshold: float = 0.0, max_detections: int = MAX_DETECTIONS, train_detector: bool = True,
                  train_mask_decoder: bool = True, train_image_encoder: bool = False, pretrained: bool = True,
                  detector_config: dict | Any | None = None, segmenter_config: dict | Any | None = None,
                  tokenizer: str | None = None, class_names: Sequence[str] | None = None,
-                 detector_size: Sequence[int] = (800, 1333), det_loss_weight: float = 1.0,
+                 detector_size: Sequence[int] = DETECTOR_SIZE, det_loss_weight: float = 1.0,
                  mask_bce_weight: float = 5.0, mask_dice_weight: float = 5.0, max_mask_prompts: int = 32,
                  box_chunk: int = 32):
         super().__init__(class_names)
@@ -188,9 +200,7 @@ class GroundedSAMTeacher(Teacher):
 
     def detector_input_size(self, h: int, w: int) -> tuple[int, int]:
         """Shortest edge → ``detector_size[0]`` unless the longest would exceed ``detector_size[1]``."""
-        short, long_ = self.detector_size
-        scale = min(short / min(h, w), long_ / max(h, w))
-        return max(1, round(h * scale)), max(1, round(w * scale))
+        return fit_size(h, w, self.detector_size)
 
     def prompts(self, class_names: Sequence[str]) -> list[tuple[list[int], str]]:
         """``(class indices, prompt)`` per detector pass (one unless the names exceed the limit)."""
