@@ -22,7 +22,8 @@ from castseg.commands.demo import embedded_default
 from castseg.data.dataset import CocoInstanceDataset, collate_instances
 from castseg.data.transforms import WeakView
 from castseg.models import StudentConfig, build_student, param_groups
-from castseg.stages import LOSS_DEFAULTS, build_objective
+from castseg.config import LossConfig
+from castseg.objective import build_objective
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "today (no freezing, 2048 points)": {},
@@ -50,7 +51,7 @@ def make_step(opts: dict[str, Any], labeled: dict, unlabeled: dict):
     model = build_student(cfg).train()
     if opts.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    loss = {**LOSS_DEFAULTS, "num_points": opts.get("num_points", 2048), "max_anchors": 512, "num_negatives": 100}
+    loss = LossConfig(num_points=opts.get("num_points", 2048), max_anchors=512, num_negatives=100)
     objective = build_objective(1, loss, 1.0, 0.1)
     opt = torch.optim.AdamW(param_groups(model, 5e-4, 0.5), lr=5e-4)
 

@@ -29,7 +29,6 @@ Every run is a folder under ``--out`` and resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -75,17 +74,17 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[st
     return write_split(coco, split, folder, split_seed, fraction, 0.15)
 
 
-def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path) -> dict:
+def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path):
     from castseg.commands.demo import asset, standins
-    from castseg.config import load_config
+    from castseg.config import load_config, with_values
 
     files = split_files(protocol, seed, fraction, out)
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
     teacher, student = standins()
-    cfg["data"].update({k: str(files[k].resolve()) for k in ("labeled", "unlabeled", "val", "unlabeled_gt") if k in files})
-    cfg["teacher"] = {"type": "checkpoint", "path": str(teacher)}
-    cfg["model"]["init_from"] = str(student)
-    return cfg
+    return with_values(cfg, {**{f"data.{k}": str(files[k].resolve()) for k in ("labeled", "unlabeled", "val",
+                                                                             "unlabeled_gt") if k in files},
+                             "teacher": {"type": "checkpoint", "path": str(teacher)},
+                             "model.init_from": str(student)}, "dsb_protocol")
 
 
 def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) -> str:
@@ -102,7 +101,7 @@ def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) 
             return ckpt
     cfg = config(protocol, seed, 0.1, list(extra), out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return str(stages.run_adapt(cfg, run_dir, {}).resolve())
+    return str(stages.run_adapt(cfg, run_dir)[0].resolve())
 
 
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
@@ -125,23 +124,21 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         save_resolved(cfg, run_dir / "config.yaml")
         t0 = time.perf_counter()
         if table:
-            metrics = stages.run_all(copy.deepcopy(cfg), run_dir)
+            metrics = stages.run_all(cfg, run_dir)
         elif variant == "noadapt":
-            metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg["teacher"]["path"], cfg)}
-            student = stages.run_distill(cfg, run_dir, cfg["teacher"]["path"], metrics)
-            stages.run_refine(cfg, run_dir, student, metrics)
+            metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg.teacher.path, cfg)}
+            student, rows = stages.run_distill(cfg, run_dir, cfg.teacher.path)
+            metrics.update(rows, **stages.run_refine(cfg, run_dir, student))
         elif variant == "supervised":  # the baseline alone, e.g. its learning curve with train.val_every
-            metrics = {}
-            stages.run_refine(cfg, run_dir, stages.initial_student(cfg), metrics, key="student_supervised",
-                              name="supervised", section="supervised")
+            metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_supervised",
+                                        name="supervised")
         elif variant in ABLATIONS:
-            metrics = {}
-            stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra), metrics)
+            metrics = stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra))[1]
         else:
             sys.exit(f"unknown variant {variant!r}")
         metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
     if classical_missing:  # the training-free reference, as in `castseg demo`
-        metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
+        metrics["classical_baseline"] = classical_baseline(Path(cfg.data.val), cfg.eval.max_dets)
     write_json(metrics, done, indent=1)
     return metrics
 

@@ -138,7 +138,7 @@ def test_bad_json_and_mismatched_architecture(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
     meta["architecture"] = {**good["architecture"], "hidden_size": 3}
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(InputError, match=r"model\.json.*unknown model option.*hidden_size"):
+    with pytest.raises(InputError, match=r"model\.json.*unknown key model.hidden_size"):
         load_checkpoint(tmp_path / "ckpt")
     meta = {**good, "format_version": 99}
     meta_path.write_text(json.dumps(meta))

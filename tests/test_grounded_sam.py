@@ -10,7 +10,7 @@ import torch
 from castseg.errors import CastsegError
 from castseg.models.grounded_sam import (GroundedSAMTeacher, build_prompt, chunk_classes, normalize_class_name,
                                          phrase_token_map)
-from castseg.models.teacher import build_teacher
+from castseg.models.teacher_factory import build_teacher
 from castseg.models.tiny_teacher import TINY_DETECTOR, TINY_SEGMENTER, save_tiny_tokenizer
 
 CLASSES = ["cat", "traffic light", "person"]
@@ -225,7 +225,7 @@ def test_missing_weights_give_one_clear_line(tokenizer_dir, tmp_path, monkeypatc
         GroundedSAMTeacher(detector=str(tmp_path / "nope"), tokenizer=tokenizer_dir)
     with pytest.raises(CastsegError, match="not a saved grounded-SAM teacher"):
         GroundedSAMTeacher.from_pretrained(tmp_path)
-    with pytest.raises(CastsegError, match="unknown option"):
+    with pytest.raises(CastsegError, match="unknown key teacher.box_treshold; valid keys of teacher: .*box_threshold"):
         build_teacher({"type": "grounded_sam", "box_treshold": 0.3})
 
 

@@ -123,7 +123,7 @@ def test_config_dict_round_trip_and_errors():
     cfg = StudentConfig.from_preset("small", num_queries=400, pretrained=False)
     assert cfg.num_queries == 400 and cfg.out_indices == (2, 5, 8, 11) and cfg.encoder_name == "facebook/dinov2-small"
     assert StudentConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(InputError, match="unknown model option.*num_querys"):
+    with pytest.raises(InputError, match="cfg.yaml: unknown key model.num_querys; valid keys of model: .*num_queries"):
         StudentConfig.from_dict({"preset": "tiny", "num_querys": 3}, source="cfg.yaml")
     with pytest.raises(InputError, match="unknown preset"):
         StudentConfig.from_preset("huge")

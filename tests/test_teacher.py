@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from castseg.errors import CastsegError
-from castseg.models.teacher import (EnsembleTeacher, ModelTeacher, Teacher, box_iou, build_teacher, mask_iou,
-                                    masks_to_boxes, nms, nms_from_iou, register_teacher)
+from castseg.models.teacher import (EnsembleTeacher, ModelTeacher, Teacher, box_iou, mask_iou, masks_to_boxes, nms,
+                                    nms_from_iou)
+from castseg.models.teacher_factory import build_teacher
 
 H, W = 32, 40
 
@@ -192,17 +193,31 @@ def test_build_teacher_checkpoint_and_ensemble(tmp_path):
     assert len(out["scores"]) <= 100 and out["masks"].shape[1:] == (40, 40)
 
 
-def test_build_teacher_errors_and_registry():
-    with pytest.raises(CastsegError, match="unknown teacher type 'sam3'"):
+def test_build_teacher_errors_name_the_key():
+    with pytest.raises(CastsegError, match="teacher.type: must be one of 'checkpoint', 'grounded_sam', 'ensemble', "
+                                           "'tta', got 'sam3'"):
         build_teacher({"type": "sam3"})
     with pytest.raises(CastsegError, match="'type'"):
         build_teacher({"path": "x"})
-    with pytest.raises(CastsegError, match="needs 'path'"):
+    with pytest.raises(CastsegError, match="teacher.path: required"):
         build_teacher({"type": "checkpoint"})
-    with pytest.raises(CastsegError, match="members"):
+    with pytest.raises(CastsegError, match="teacher.members"):
         build_teacher({"type": "ensemble", "members": []})
-    register_teacher("fixed", lambda cfg: FixedTeacher([rect(0, 1, 0, 1)], [cfg["score"]], [0]))
-    ens = build_teacher({"type": "ensemble", "members": [{"type": "fixed", "score": 0.3}], "max_detections": 5})
-    assert ens.predict(torch.rand(1, 3, H, W))[0]["scores"].tolist() == pytest.approx([0.3])
-    with pytest.raises(CastsegError, match="unknown option"):
-        build_teacher({"type": "ensemble", "members": [{"type": "fixed", "score": 0.3}], "mask_iou": 0.5})
+    with pytest.raises(CastsegError, match="unknown key teacher.mask_iou; valid keys of teacher: .*mask_nms_iou"):
+        build_teacher({"type": "ensemble", "members": [{"type": "checkpoint", "path": "x"}], "mask_iou": 0.5})
+
+
+def test_an_adapted_ensemble_saves_and_loads_as_one_teacher(tmp_path):
+    """EnsembleTeacher.save_pretrained writes its members and a teacher.yaml that load_teacher reads back."""
+    from castseg.models import save_checkpoint
+    from castseg.pseudo_labels import load_teacher
+
+    save_checkpoint(tmp_path / "a", tiny_student(), None, ["cell", "debris"], step=0)
+    ens = build_teacher({"type": "ensemble", "weights": [1.0, 0.5], "members": [
+        {"type": "checkpoint", "path": str(tmp_path / "a")}] * 2})
+    ens.save_pretrained(tmp_path / "saved")
+    back, info = load_teacher(tmp_path / "saved")
+    assert isinstance(back, EnsembleTeacher) and back.weights == [1.0, 0.5] and len(info["weights"]) == 2
+    x = torch.rand(1, 3, 40, 40)
+    assert_same(back.predict(x)[0], ens.eval().predict(x)[0])
+

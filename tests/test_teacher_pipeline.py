@@ -14,7 +14,7 @@ from castseg.commands.demo import embedded_default
 from castseg.data.dataset import CocoInstanceDataset
 from castseg.eval.results import load_results, write_results
 from castseg.models.inference import to_coco_results
-from castseg.models.teacher import build_teacher
+from castseg.models.teacher_factory import build_teacher
 from castseg.models.tiny_teacher import save_tiny_grounded_sam
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from castseg.errors import CastsegError
-from castseg.models.teacher import Teacher, build_teacher
+from castseg.models.teacher import Teacher
+from castseg.models.teacher_factory import build_teacher
 from castseg.models.tta import TTATeacher, with_tta
 
 
@@ -68,19 +69,17 @@ def test_majority_vote_of_masks():
     assert len(r["scores"]) == 1 and torch.equal(r["masks"][0], expected)
 
 
-def test_build_from_config_and_errors():
-    from castseg.models.teacher import TEACHER_TYPES
+def test_build_from_config_and_errors(tmp_path):
+    from castseg.models import StudentConfig, build_student, save_checkpoint
 
-    TEACHER_TYPES["bright_test"] = lambda cfg: BrightObjects()
-    try:
-        t = build_teacher({"type": "tta", "member": {"type": "bright_test"}, "flips": ["hv"]})
-        assert isinstance(t, TTATeacher) and t.flips == ["hv"] and t.class_names == ["nucleus"]
-        with pytest.raises(CastsegError, match="unknown flip"):
-            build_teacher({"type": "tta", "member": {"type": "bright_test"}, "flips": ["diagonal"]})
-        with pytest.raises(CastsegError, match="needs 'member'"):
-            build_teacher({"type": "tta"})
-    finally:
-        del TEACHER_TYPES["bright_test"]
+    model = build_student(StudentConfig.from_preset("tiny", dec_layers=1, num_queries=5))
+    save_checkpoint(tmp_path / "m", model, None, ["nucleus"], step=0)
+    t = build_teacher({"type": "tta", "member": {"type": "checkpoint", "path": str(tmp_path / "m")}, "flips": ["hv"]})
+    assert isinstance(t, TTATeacher) and t.flips == ["hv"] and t.class_names == ["nucleus"]
+    with pytest.raises(CastsegError, match="teacher.flips.0: must be one of 'h', 'v' or 'hv', got 'diagonal'"):
+        build_teacher({"type": "tta", "member": {"type": "checkpoint", "path": "m"}, "flips": ["diagonal"]})
+    with pytest.raises(CastsegError, match="teacher.member: required"):
+        build_teacher({"type": "tta"})
 
 
 def test_fingerprint_depends_on_the_views():

@@ -126,7 +126,9 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path, out: Pat
     import torch
 
     from castseg import stages
+    from castseg.config import RunConfig
     from castseg.models import StudentConfig, build_student, load_checkpoint
+    from castseg.trainable import CastTrainable
 
     model_cfg, phases = MODELS[which]
     torch.manual_seed(0)
@@ -148,7 +150,8 @@ def train_one(which: str, train_json: Path, val_json: Path, work: Path, out: Pat
             continue
         if k > 1:  # phase k starts from phase k-1's final weights
             model.load_state_dict(load_checkpoint(done[-1]["checkpoint"])[0].state_dict())
-        r = stages.train_stage(name, model, cfg, work, ["nucleus"], 0.0, 0.0)
+        r = stages.train_stage(name, CastTrainable(model), RunConfig.model_validate(cfg), work, ["nucleus"], 0.0, 0.0,
+                               section="refine")
         done.append({"config": cfg, "checkpoint": r["checkpoint"], "source_val": r.get("val"),
                      "target_zero_shot": zero_shot(model)})
     return {"phases": [{k: v for k, v in d.items() if k not in ("checkpoint", "shipped")} for d in done],

@@ -1,14 +1,13 @@
-"""Run configuration: YAML files (plus ``key=value`` overrides) mapped onto typed dataclasses.
+"""Run configuration: YAML files (plus ``key=value`` overrides) parsed once into a typed
+:class:`RunConfig` (pydantic v2, unknown keys are errors).
 
-A config is data, never code: :func:`load_config` reads a YAML mapping whose top-level keys are
-*sections*. A section registered with a dataclass (``model`` → :class:`StudentConfig`,
-``train`` → :class:`TrainConfig`, ``data`` → :class:`DataConfig`, ``eval`` → :class:`EvalConfig`)
-is checked field by field — an unknown key or a value of the wrong type is an
-:class:`~castseg.errors.InputError` naming the key and the file — and comes back with every
-default filled in, so the saved ``config.yaml`` of a run reproduces it without this version's
-defaults. Sections registered as free-form (``None``) are kept as given; code that owns one can
-give it a schema with :func:`register_section`. The section dataclasses and the type check
-are in :mod:`castseg.config_sections` (re-exported here).
+:func:`load_config` reads a YAML mapping whose top-level keys are sections (``model`` →
+:class:`~castseg.models.student.StudentConfig`, ``train`` → :class:`TrainConfig`, ``data``,
+``eval``, ``loss``, ``pseudo_labels``, ``teacher`` (a union keyed on ``type``), ``adapt`` /
+``distill`` / ``refine`` / ``supervised``; see :mod:`castseg.config_sections`). An unknown key
+or a value of the wrong type is one :class:`~castseg.errors.InputError` line naming the file
+(or the override) and the dotted key. The result has every default filled in, so the saved
+``config.yaml`` of a run reproduces it without this version's defaults.
 
 Overrides are dotted paths with YAML-scalar values::
 
@@ -21,23 +20,21 @@ merged first, the file's own keys win, mappings merge key by key.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-import tempfile
-import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from pydantic import Field, ValidationError
 
-from castseg.config_sections import DataConfig, EvalConfig, Section, TrainConfig, check_fields, coerce
+from castseg.atomic import atomic_write_text
+from castseg.config_sections import (DataConfig, EvalConfig, LossConfig, PseudoLabelsConfig, Section, StageConfig,
+                                     TeacherSpec, TrainConfig, describe_error, error_key)
 from castseg.errors import InputError
-from castseg.models.student import StudentConfig, json_ready
+from castseg.models.student import StudentConfig
 
-__all__ = ["DataConfig", "EvalConfig", "SECTIONS", "Section", "TrainConfig", "apply_override", "build_section",
-           "check_fields", "deep_merge", "load_config", "parse_scalar", "register_section", "save_resolved",
-           "train_config"]
+__all__ = ["DataConfig", "EvalConfig", "LossConfig", "PseudoLabelsConfig", "RunConfig", "StageConfig", "TrainConfig",
+           "apply_override", "deep_merge", "load_config", "parse_scalar", "save_resolved"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -62,33 +59,36 @@ def parse_scalar(text: str) -> Any:
         return text  # e.g. an unbalanced bracket in a file name: take it literally
 
 
-# Top-level sections: a dataclass (checked, defaults filled) or None (free-form mapping).
-SECTIONS: dict[str, type | None] = {
-    "model": StudentConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
-    "teacher": None, "loss": None, "pseudo_labels": None, "adapt": None, "distill": None, "refine": None,
-    "supervised": None, "export": None, "report": None,
-}
+class RunConfig(Section):
+    """A whole run: every section typed, every default filled in."""
+
+    model: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    loss: LossConfig = LossConfig()
+    pseudo_labels: PseudoLabelsConfig = PseudoLabelsConfig()
+    teacher: TeacherSpec | None = None
+    adapt: StageConfig = StageConfig()
+    distill: StageConfig = StageConfig()
+    refine: StageConfig = StageConfig()
+    # the supervised-only baseline; without train overrides it gets stage 3's (the paper's rule)
+    supervised: StageConfig = StageConfig()
+
+    def stage_train(self, stage: str) -> TrainConfig:
+        """``train`` with the stage's overrides on top (``supervised`` falls back to ``refine``'s)."""
+        over = getattr(self, stage).overrides()
+        if stage == "supervised" and not over:
+            over = self.refine.overrides()
+        return TrainConfig.model_validate({**self.train.model_dump(), **over})
+
+    @property
+    def val_max_size(self) -> int | None:
+        """The longer-side cap of validation images: ``eval.max_size``, else ``data.val_max_size``."""
+        return self.eval.max_size or self.data.val_max_size
 
 
-def register_section(name: str, schema: type | None) -> None:
-    """Declare (or re-declare) a top-level section; ``schema`` a dataclass or None (free-form)."""
-    SECTIONS[name] = schema
-
-
-def build_section(name: str, value: Any, source: str) -> Any:
-    """Check one top-level section and return it resolved (every default filled in)."""
-    schema = SECTIONS.get(name)
-    if schema is None:
-        return value
-    if value is None:
-        value = {}
-    if schema is StudentConfig:
-        # Preset first, then the given keys (StudentConfig's own rule); the result lists every field.
-        check_fields(schema, value, source, name)
-        return StudentConfig.from_dict(value, source=source).to_dict()
-    if issubclass(schema, Section):
-        return schema.from_dict(value, source, name).to_dict()
-    return json_ready(dataclasses.asdict(schema(**check_fields(schema, value, source, name))))
+SECTIONS = tuple(RunConfig.model_fields)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -143,7 +143,8 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
 
 
 def apply_override(cfg: dict[str, Any], item: str) -> dict[str, Any]:
-    """Apply one ``a.b.c=value`` override in place (unknown sections/fields raise InputError)."""
+    """Apply one ``a.b.c=value`` override in place to a raw config mapping (the value is checked
+    when the whole config is validated; :func:`load_config` names the override then)."""
     source = f"override {item!r}"
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -152,36 +153,28 @@ def apply_override(cfg: dict[str, Any], item: str) -> dict[str, Any]:
     parts = key.split(".")
     if parts[0] not in SECTIONS:
         raise InputError(source, f"unknown section {parts[0]!r}; valid: {', '.join(sorted(SECTIONS))}")
-    # Check the path through dataclass schemas now, so the error names the override, not the file.
-    value = parse_scalar(text)
-    schema: Any = SECTIONS[parts[0]]
-    for i, p in enumerate(parts[1:], start=1):
-        if schema is None or not dataclasses.is_dataclass(schema):
-            break
-        fields = {f.name for f in dataclasses.fields(schema)}
-        if p not in fields:
-            raise InputError(source, f"unknown key {'.'.join(parts[:i + 1])}; valid keys of "
-                             f"{'.'.join(parts[:i])}: {', '.join(sorted(fields))}")
-        hint = typing.get_type_hints(schema).get(p, Any)
-        if i == len(parts) - 1 and not dataclasses.is_dataclass(hint):
-            value = coerce(value, hint, key, source)  # a typed leaf: check the value here too
-        schema = hint if dataclasses.is_dataclass(hint) else None
     node = cfg
     for p in parts[:-1]:
         nxt = node.get(p)
         if not isinstance(nxt, dict):
             nxt = node[p] = {}
         node = nxt
-    node[parts[-1]] = json_ready(value)
+    node[parts[-1]] = parse_scalar(text)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read ``path`` (YAML; None = defaults only), apply ``overrides`` and resolve every section.
+def _validate(data: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise InputError(source, describe_error(e, "", RunConfig)) from None
 
-    Returns a plain dict ``{section: {...}}`` (JSON/YAML-able) with each dataclass section
-    complete; build objects from it with e.g. ``TrainConfig.from_dict(cfg["train"])``. Every
-    registered dataclass section is present even when the file omits it.
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read ``path`` (YAML; None = defaults only), apply ``overrides`` and parse the result.
+
+    An error in the file names the file (the base file, for a key from an ``extends`` base);
+    one that an override brings in names the override.
     """
     if path is not None:
         data, origins = _load_with_bases(Path(path))
@@ -191,41 +184,41 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     for k in data:
         if k not in SECTIONS:
             raise InputError(where.get(k, path), f"unknown top-level key {k!r}; valid: {', '.join(sorted(SECTIONS))}")
+    for name in data:  # each section against the file it came from
+        _validate({name: data[name]}, where.get(name, str(path)))
     for item in overrides:
         apply_override(data, item)
-    out: dict[str, Any] = {}
-    for name, schema in SECTIONS.items():
-        if name in data or schema is not None:
-            src = where.get(name, str(path) if path is not None else "config")
-            if overrides and any(o.split("=", 1)[0].split(".")[0] == name for o in overrides):
-                src += " (with overrides)"
-            out[name] = build_section(name, data.get(name), src)
-    return out
+        _check_override(data, item)
+    return _validate(data, str(path) if path is not None else "config")
 
 
-def save_resolved(cfg: dict[str, Any], path: str | Path) -> Path:
-    """Write the resolved config as YAML, atomically (temp file + rename). Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(json_ready(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _check_override(data: dict[str, Any], item: str) -> None:
+    """Raise, naming the override, when the config is invalid under the override's key (an
+    error elsewhere, e.g. ``teacher.members`` after ``teacher.type=ensemble``, may be filled
+    in by a later override; the final check names the file)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# resolved castseg config: every default filled in (castseg load_config)\n")
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        RunConfig.model_validate(data)
+    except ValidationError as e:
+        key, bad = item.partition("=")[0].strip(), error_key(e)
+        if bad == key or bad.startswith(key + ".") or key.startswith(bad + ".") or not bad:
+            raise InputError(f"override {item!r}", describe_error(e, "", RunConfig)) from None
 
 
-def train_config(cfg: dict[str, Any], *overrides: dict[str, Any] | None, source: str = "config") -> TrainConfig:
-    """``cfg["train"]`` with per-stage partial overrides on top (e.g. ``cfg["distill"]["train"]``),
-    checked like the section itself."""
-    d = dict(cfg.get("train") or {})
-    for o in overrides:
-        if o:
-            check_fields(TrainConfig, o, source, "train")
-            d.update(o)
-    return TrainConfig.from_dict(d, source, "train")
+def save_resolved(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically. Returns ``path``."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return atomic_write_text(path, "# resolved castseg config: every default filled in (castseg load_config)\n" + text)
+
+
+def with_values(cfg: RunConfig, values: dict[str, Any], source: str = "config") -> RunConfig:
+    """A copy of ``cfg`` with dotted keys set (``{"data.labeled": p, "teacher": {...}}``), checked
+    like a loaded config (e.g. a command filling in the paths it made)."""
+    data = cfg.to_dict()
+    for key, value in values.items():
+        node, parts = data, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return _validate(data, source)

@@ -1,46 +1,62 @@
-"""Typed config sections: the dataclasses behind ``train`` / ``data`` / ``eval`` and the field-by-field
-check that maps a YAML mapping onto them.
+"""Typed config sections (pydantic v2, ``extra="forbid"``): one model per concern.
 
-A value of the wrong type or an unknown key is an :class:`~castseg.errors.InputError` naming the
-dotted key and the file; ints become floats where floats are expected and lists become tuples
-where tuples are. Loading, ``extends`` and overrides live in :mod:`castseg.config`.
+``train`` / ``data`` / ``eval`` / ``loss`` / ``pseudo_labels`` / the stage sections and the
+``teacher`` union keyed on ``type`` (checkpoint | grounded_sam | ensemble | tta). Every section
+owns its defaults; loading, ``extends`` and overrides live in :mod:`castseg.config`, which turns
+a :class:`pydantic.ValidationError` into one line naming the file and the dotted key
+(:func:`describe_error`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from castseg.errors import InputError
-from castseg.models.student import json_ready
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_serializer, field_validator,
+                      model_validator)
 
 
-# --- sections ------------------------------------------------------------------------------
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors; ``to_dict`` is JSON/YAML-able."""
 
-
-class Section:
-    """Mixin for config dataclasses: ``from_dict`` (checked) / ``to_dict`` (JSON/YAML-able)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, source: str | Path | None = None, where: str = ""):
-        source, where = str(source or "config"), where or cls.__name__
-        obj = cls(**check_fields(cls, d or {}, source, where))
-        obj.check(source, where)
-        return obj
+    def from_dict(cls, d: dict[str, Any] | None = None, source: Any = None, where: str = ""):
+        """``d`` checked (unknown keys and wrong types raise :class:`~castseg.errors.InputError`
+        naming ``source`` and the dotted key under ``where``)."""
+        from castseg.errors import InputError
+
+        try:
+            return cls.model_validate(d or {})
+        except ValidationError as e:
+            raise InputError(str(source or "config"), describe_error(e, where or cls.__name__, cls)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return json_ready(dataclasses.asdict(self))
-
-    def check(self, source: str, where: str) -> None:
-        """Value checks beyond types (ranges, combinations); raise :class:`InputError`."""
+        return self.model_dump(mode="json")
 
 
-@dataclass
+def _n_values(n: int):
+    def check(v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != n:
+            raise ValueError(f"expected {n} values, got {len(v)} ({list(v)!r})")
+        return v
+    return BeforeValidator(check)
+
+
+Pair = Annotated[tuple[float, float], _n_values(2)]
+Size = Annotated[tuple[int, int], _n_values(2)]
+
+
+def _at_least(lo: float, strict: bool, *names: str):
+    """A field validator: every named field must be > lo (``strict``) or >= lo."""
+    def check(cls, v):
+        if not (v > lo if strict else v >= lo):
+            raise ValueError(f"must be {'>' if strict else '>='} {lo:g}, got {v}")
+        return v
+    return field_validator(*names)(classmethod(check))
+
+
 class TrainConfig(Section):
     """One training run of :class:`castseg.engine.Trainer` (one stage). Steps are optimizer steps."""
 
@@ -49,7 +65,7 @@ class TrainConfig(Section):
     lr: float = 1e-4                         # head lr; the encoder gets lr × backbone_lr_mult
     backbone_lr_mult: float = 0.1
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair = (0.9, 0.999)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = 0.9
     warmup_steps: int = 0                    # linear warm-up from lr/warmup_steps to lr
@@ -62,10 +78,6 @@ class TrainConfig(Section):
     num_workers: int = 0                     # DataLoader worker processes per stream
     seed: int = 0
     device: str = "auto"                     # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
-    # Multi-process gradient averaging: "ddp" (DistributedDataParallel, overlaps communication
-    # with backward; parameters used in an earlier forward pass of a step but not in the last one
-    # break it) or "allreduce" (after backward; any forward structure).
-    grad_sync: Literal["ddp", "allreduce"] = "ddp"
     find_unused_parameters: bool = True      # DDP; False is faster when every parameter gets a gradient
     # NHWC weights: CPU convolutions run ~1.2x faster per distillation step (benchmarks/bench_train_step.py);
     # same maths, so not a trajectory field
@@ -75,26 +87,22 @@ class TrainConfig(Section):
     save_best: bool = False                  # also keep the best model in checkpoints/best/
 
     # The fields that change the training trajectory: resuming with different values is refused.
-    TRAJECTORY = ("max_steps", "batch_size", "lr", "backbone_lr_mult", "weight_decay", "betas", "schedule",
-                  "poly_power", "warmup_steps", "grad_clip", "amp", "accumulate", "seed")
+    TRAJECTORY: ClassVar[tuple[str, ...]] = (
+        "max_steps", "batch_size", "lr", "backbone_lr_mult", "weight_decay", "betas", "schedule", "poly_power",
+        "warmup_steps", "grad_clip", "amp", "accumulate", "seed")
 
-    def check(self, source: str, where: str) -> None:
-        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "accumulate": self.accumulate,
-                    "log_every": self.log_every, "lr": self.lr, "poly_power": self.poly_power}
-        non_negative = {"warmup_steps": self.warmup_steps, "grad_clip": self.grad_clip, "val_every": self.val_every,
-                        "ckpt_every": self.ckpt_every, "num_workers": self.num_workers,
-                        "backbone_lr_mult": self.backbone_lr_mult, "weight_decay": self.weight_decay}
-        for k, v in positive.items():
-            if not v > 0:
-                raise InputError(source, f"{where}.{k} must be > 0, got {v}")
-        for k, v in non_negative.items():
-            if not v >= 0:
-                raise InputError(source, f"{where}.{k} must be >= 0, got {v}")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise InputError(source, f"{where}.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+    _positive = _at_least(0, True, "max_steps", "batch_size", "accumulate", "log_every", "lr", "poly_power")
+    _non_negative = _at_least(0, False, "warmup_steps", "grad_clip", "val_every", "ckpt_every", "num_workers",
+                              "backbone_lr_mult", "weight_decay")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+        return v
 
 
-@dataclass
 class DataConfig(Section):
     """Where the images are and how training views are made."""
 
@@ -105,8 +113,8 @@ class DataConfig(Section):
     # only for scoring the pseudo-labels (metrics.json, report); no stage trains on them.
     unlabeled_gt: str | None = None
     images_root: str | None = None
-    crop_size: tuple[int, int] | None = None  # training crop (h, w); None keeps the resized image
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: Size | None = None            # training crop (h, w); None keeps the resized image
+    scale_range: Pair = (0.5, 2.0)
     hflip: float = 0.5
     vflip: float = 0.0
     invert: float = 0.0                      # chance of 1 - image (WeakView)
@@ -117,17 +125,28 @@ class DataConfig(Section):
     size_divisibility: int = 32
     val_max_size: int | None = None          # longer side cap for validation images
 
-    def check(self, source: str, where: str) -> None:
-        if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise InputError(source, f"{where}.scale_range must satisfy 0 < lo <= hi, got {list(self.scale_range)}")
-        if not (0 <= self.invert <= 1 and 0 <= self.tint < 1):
-            raise InputError(source, f"{where}.invert must be in [0, 1] and {where}.tint in [0, 1), "
-                                     f"got {self.invert}, {self.tint}")
-        if not 0 <= self.stain <= 1:
-            raise InputError(source, f"{where}.stain must be in [0, 1], got {self.stain}")
+    @field_validator("scale_range")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must satisfy 0 < lo <= hi, got {list(v)}")
+        return v
+
+    @field_validator("invert", "stain", "hflip", "vflip")
+    @classmethod
+    def _chance(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+    @field_validator("tint")
+    @classmethod
+    def _tint(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
 
 
-@dataclass
 class EvalConfig(Section):
     """Inference + COCO evaluation (:mod:`castseg.evaluate`)."""
 
@@ -136,104 +155,203 @@ class EvalConfig(Section):
     batch_size: int = 1
     topk: int = 100                          # instances kept per image
     max_dets: int = 100                      # COCO maxDets (dense scenes need more)
-    max_size: int | None = None              # longer side cap at inference
+    max_size: int | None = None              # longer side cap at inference (None: data.val_max_size)
     mask_threshold: float = 0.5
     score_threshold: float = 0.0
     iou_type: Literal["segm", "bbox"] = "segm"
 
 
-# --- type checking ---------------------------------------------------------------------------
+class LossConfig(Section):
+    """CAST's objective (METHOD.md): J = L_sup + λ_semi · L_semi + λ_pxl · L_pxl, and its parts."""
+
+    lambda_semi: float = 1.0
+    lambda_pxl: float = 0.1
+    temperature: float = 0.1                 # L_pxl's τ
+    num_negatives: int = 200                 # L_pxl negatives per anchor
+    sampler: Literal["fused", "uniform", "mask", "class"] = "fused"
+    max_anchors: int = 1024
+    num_points: int = 12544                  # points per mask of the set loss (Mask2Former's 112²)
+    score_threshold: float = 0.3             # pseudo-labels below it are dropped (L_semi)
+    weight_by_score: bool = False            # weight each pseudo-label instance by its score
+
+    _non_negative = _at_least(0, False, "lambda_semi", "lambda_pxl")
+    _positive = _at_least(0, True, "temperature", "num_negatives", "max_anchors", "num_points")
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin)) + "[...]"
-    return getattr(tp, "__name__", str(tp))
+class PseudoLabelsConfig(Section):
+    """How the frozen teacher labels D_u (:func:`castseg.stages.pseudo_label`)."""
+
+    tta: list[Literal["h", "v", "hv"]] = []  # extra flipped views, fused (castseg.models.tta)
+    max_size: int | None = None              # longer side cap of the unlabeled images
 
 
-_SCALARS: dict[type, Any] = {
-    bool: lambda v: isinstance(v, bool),
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),      # YAML true is not 1
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    str: lambda v: isinstance(v, str),
-}
+# A stage's partial ``train`` overrides: TrainConfig's keys, each optional (unset = the ``train``
+# section's value); their values are checked against TrainConfig when the stage resolves them.
+TrainOverrides = create_model("TrainOverrides", __base__=Section,
+                              **{k: (f.annotation | None, None) for k, f in TrainConfig.model_fields.items()})
 
 
-def coerce(value: Any, tp: Any, where: str, source: str) -> Any:
-    """``value`` checked against the annotation ``tp``; ints become floats where floats are
-    expected and lists become tuples where tuples are. Raises InputError naming ``where``."""
-    def bad() -> InputError:
-        return InputError(source, f"{where}: expected {_type_name(tp)}, got {value!r}")
+class StageConfig(Section):
+    """``adapt`` / ``distill`` / ``refine`` / ``supervised``: the stage's ``train`` overrides, e.g.
+    ``distill: {train: {max_steps: 9000}}``."""
 
-    if tp is Any or tp is object:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise InputError(source, f"{where}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if value is None:
-            if len(options) < len(args):
-                return None
-            raise bad()
-        errors = []
-        for a in options:
-            try:
-                return coerce(value, a, where, source)
-            except InputError as e:
-                errors.append(e)
-        raise errors[0] if len(options) == 1 else bad()  # one option: its own, more precise, message
-    if tp is type(None):
-        if value is not None:
-            raise bad()
-        return None
-    if tp in _SCALARS:
-        if not _SCALARS[tp](value):
-            raise bad()
-        return float(value) if tp is float else value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad()
-        return tp(**check_fields(tp, value, source, where))
-    if tp in (dict,) or origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return value
-    if tp in (list, tuple) or origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise InputError(source, f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-            items = [coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            elem = args[0] if args else Any
-            items = [coerce(v, elem, f"{where}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(items) if (tp is tuple or origin is tuple) else items
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise bad()
-        return value
-    return value  # an annotation we do not model: accept, the consumer checks it
+    train: TrainOverrides = TrainOverrides()  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> "StageConfig":
+        try:
+            TrainConfig.model_validate(self.overrides())
+        except ValidationError as e:
+            raise ValueError(describe_error(e, "train", TrainConfig)) from None
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        return self.train.model_dump(exclude_unset=True)
+
+    @field_serializer("train")
+    def _only_given(self, train: Any) -> dict[str, Any]:
+        return train.model_dump(mode="json", exclude_unset=True)
 
 
-def check_fields(cls: type, d: dict[str, Any], source: str, where: str) -> dict[str, Any]:
-    """``d`` checked against dataclass ``cls``: unknown keys and wrong types raise InputError."""
-    if not isinstance(d, dict):
-        raise InputError(source, f"{where}: expected a mapping, got {d!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise InputError(source, f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                         f"valid keys of {where}: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
-    return {k: coerce(v, hints.get(k, Any), f"{where}.{k}", source) for k, v in d.items()}
+# --- teachers ---------------------------------------------------------------------------------
+
+
+class CheckpointTeacherSpec(Section):
+    """A castseg checkpoint (a student-architecture model such as the ``lite_teacher`` stand-in)."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    path: str
+    device: str = "cpu"
+    class_names: list[str] | None = None     # default: the checkpoint's
+    postprocess_kwargs: dict[str, Any] = {}  # castseg.models.inference.postprocess_instances options
+
+
+class GroundedSamTeacherSpec(Section):
+    """The paper's Grounding DINO + SAM2 (hub ids or local folders), or ``path``: a teacher
+    saved with ``save_pretrained`` (the other keys then override its stored options)."""
+
+    type: Literal["grounded_sam"] = "grounded_sam"
+    path: str | None = None
+    detector: str | None = None
+    segmenter: str | None = None
+    tokenizer: str | None = None
+    class_names: list[str] | None = None
+    pretrained: bool | None = None
+    detector_config: dict[str, Any] | None = None
+    segmenter_config: dict[str, Any] | None = None
+    box_threshold: float | None = None
+    text_threshold: float | None = None
+    nms_iou: float | None = None
+    mask_threshold: float | None = None
+    max_detections: int | None = None
+    train_detector: bool | None = None
+    train_mask_decoder: bool | None = None
+    train_image_encoder: bool | None = None
+    detector_size: Size | None = None
+    det_loss_weight: float | None = None
+    mask_bce_weight: float | None = None
+    mask_dice_weight: float | None = None
+    max_mask_prompts: int | None = None
+    box_chunk: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options that were given (unset ones keep GroundedSAMTeacher's defaults)."""
+        return {k: v for k, v in self.model_dump(exclude={"type", "path"}).items() if v is not None}
+
+
+class EnsembleTeacherSpec(Section):
+    """Several teachers merged by mask-NMS (:class:`~castseg.models.teacher.EnsembleTeacher`)."""
+
+    type: Literal["ensemble"] = "ensemble"
+    members: list[TeacherSpec] = Field(min_length=1)
+    weights: list[float] | None = None
+    mask_nms_iou: float = 0.5
+    class_agnostic: bool = False
+    max_detections: int | None = None
+    class_names: list[str] | None = None
+
+
+class TTATeacherSpec(Section):
+    """A member teacher on flipped views, fused (:class:`~castseg.models.tta.TTATeacher`)."""
+
+    type: Literal["tta"] = "tta"
+    member: TeacherSpec
+    flips: list[Literal["h", "v", "hv"]] = ["h", "v"]
+    mask_nms_iou: float = 0.5
+    max_detections: int | None = None
+    class_names: list[str] | None = None
+
+
+TeacherSpec = Annotated[Union[CheckpointTeacherSpec, GroundedSamTeacherSpec, EnsembleTeacherSpec, TTATeacherSpec],
+                        Field(discriminator="type")]
+EnsembleTeacherSpec.model_rebuild()
+TTATeacherSpec.model_rebuild()
+
+
+# --- error messages ---------------------------------------------------------------------------
+
+
+_TEACHER_TAGS = ("checkpoint", "grounded_sam", "ensemble", "tta")
+_EXPECTED = {"float": "float", "int": "int", "bool": "bool", "string": "str", "list": "list", "tuple": "list",
+             "dict": "mapping", "model": "mapping", "dataclass": "mapping"}
+
+
+def _members(tp: Any) -> list[Any]:
+    """The model classes an annotation may hold (unions, Optional, Annotated and lists unwrapped)."""
+    import typing
+
+    if getattr(tp, "model_fields", None) is not None:
+        return [tp]
+    return [m for a in typing.get_args(tp) for m in _members(a)]
+
+
+def _valid_keys(schema: Any, loc: tuple) -> list[str] | None:
+    """Field names of the model reached by following the raw error location ``loc``."""
+    options = _members(schema) if schema is not None else []
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in options if "type" in m.model_fields and m.model_fields["type"].default == part]
+        if tagged:  # a discriminated union's tag: pick that member
+            options = tagged
+            continue
+        options = [t for m in options if part in m.model_fields for t in _members(m.model_fields[part].annotation)]
+    return sorted(options[0].model_fields) if len(options) == 1 else None
+
+
+def error_key(error: ValidationError, where: str = "") -> str:
+    """The dotted key of ``error``'s first problem (``where`` prefixed)."""
+    loc = error.errors()[0]["loc"]
+    # a discriminated union puts the tag into the location: teacher.checkpoint.path -> teacher.path
+    parts = [str(p) for i, p in enumerate(loc) if not (p in _TEACHER_TAGS and (
+        i == 0 or isinstance(loc[i - 1], int) or loc[i - 1] in ("teacher", "member")))]
+    return ".".join([where, *parts] if where else parts)
+
+
+def describe_error(error: ValidationError, where: str, schema: Any = None) -> str:
+    """The first error of ``error`` as one line: ``"<where>.<dotted key>: <problem>"``."""
+    e = error.errors()[0]
+    key = error_key(error, where)
+    loc = tuple(key.split(".")[1 if where else 0:]) if key else ()
+    kind, value = e["type"], e.get("input")
+    if kind == "extra_forbidden":
+        valid = _valid_keys(schema, tuple(e["loc"][:-1]))
+        parent = key.rsplit(".", 1)[0]
+        return f"unknown key {key}" + (f"; valid keys of {parent}: {', '.join(valid)}" if valid else "")
+    if kind == "literal_error":
+        return f"{key}: must be one of {e['ctx']['expected']}, got {value!r}"
+    if kind == "union_tag_invalid":
+        return f"{key}.type: must be one of {e['ctx']['expected_tags']}, got {e['ctx']['tag']!r}"
+    if kind == "union_tag_not_found":
+        return f"{key}: a mapping with 'type' is needed"
+    if kind == "missing":
+        return f"{key}: required"
+    if kind == "value_error":
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if re.match(r"[a-z_]+\.[a-z_]", msg):   # a nested section's own message: "train.lr must be > 0"
+            return f"{key}.{msg}"
+        return f"{key}: {msg}" if msg.startswith(("expected", "unknown")) else f"{key} {msg}"
+    for prefix, name in _EXPECTED.items():
+        if kind.startswith(prefix):
+            return f"{key}: expected {name}, got {value!r}"
+    return f"{key}: {e['msg']}, got {value!r}"

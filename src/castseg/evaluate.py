@@ -22,7 +22,7 @@ from castseg.data.dataset import UnlabeledImageDataset
 from castseg.data.transforms import Resize
 from castseg.eval.coco_eval import evaluate_coco, load_gt
 from castseg.eval.results import write_results
-from castseg.models.inference import postprocess_instances, to_coco_results
+from castseg.models.inference import postprocess_instances, resize_masks, to_coco_results
 
 
 class _EvalCollate:
@@ -57,24 +57,61 @@ def _autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# images [B,3,H,W] (zero-padded), their sizes (h, w) before padding and original sizes (H0, W0)
+# -> per image {"masks" bool [K,H0,W0], "scores" [K], "labels" int64 [K]}
+InstancesFn = Callable[[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]], list[dict[str, torch.Tensor]]]
+
+
+def network_instances(model: nn.Module, topk: int = 100, mask_threshold: float = 0.5, score_threshold: float = 0.0,
+                      chunk_size: int = 32, amp: str = "none") -> InstancesFn:
+    """A student-architecture network (``pred_logits`` ``[B,Q,C+1]``, ``pred_masks`` ``[B,Q,h,w]``
+    at ``1/mask_stride`` of its padded input) as an :data:`InstancesFn`: one forward per batch,
+    each image's padding cropped and its masks resized to the original size in one step."""
+    def run(images, sizes, orig_sizes):
+        dev = next(model.parameters()).device
+        with _autocast(amp, dev):
+            out = model(images.to(dev, non_blocking=True))
+        stride = int(out.get("mask_stride", 4))
+        return [postprocess_instances(out["pred_logits"][b: b + 1].float(), out["pred_masks"][b: b + 1].float(),
+                                      [sizes[b]], [orig_sizes[b]], topk=topk, mask_threshold=mask_threshold,
+                                      score_threshold=score_threshold, chunk_size=chunk_size, mask_stride=stride)[0]
+                for b in range(len(sizes))]
+
+    return run
+
+
+def predictor_instances(predict: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]) -> InstancesFn:
+    """Any ``predict(images [B,3,H,W]) -> instances at the input size`` (a teacher's
+    ``predict``, a :class:`~castseg.predictor.Predictor`, a classical method) as an
+    :data:`InstancesFn`: masks cropped to each image and resized to its original size."""
+    def run(images, sizes, orig_sizes):
+        out = []
+        for r, (h, w), orig in zip(predict(images), sizes, orig_sizes):
+            out.append({"masks": resize_masks(r["masks"][:, :h, :w].cpu(), orig), "scores": r["scores"].cpu(),
+                        "labels": r["labels"].cpu()})
+        return out
+
+    return run
+
+
 @torch.no_grad()
-def predict_dataset(model: nn.Module, data: Dataset | str | Path, batch_size: int = 1,
+def predict_dataset(model: nn.Module | InstancesFn, data: Dataset | str | Path, batch_size: int = 1,
                     device: str | torch.device | None = None, topk: int = 100, max_size: int | None = None,
                     min_size: int | None = None, cat_ids: Sequence[int] | None = None,
                     images_root: str | Path | None = None, mask_threshold: float = 0.5,
                     score_threshold: float = 0.0, chunk_size: int = 32, num_workers: int = 0,
                     amp: str = "none") -> list[dict[str, Any]]:
-    """COCO result records of ``model`` on every image of ``data``.
+    """COCO result records on every image of ``data`` — the one predict → COCO loop of castseg.
 
     Args:
-        model: returns ``pred_logits`` ``[B,Q,C+1]`` and ``pred_masks`` ``[B,Q,h,w]`` (at
-            ``1/mask_stride`` of its padded input) for images ``[B,3,H,W]`` in [0,1].
+        model: a network (see :func:`network_instances`; ``topk``, thresholds, ``amp`` apply
+            to it; it runs in eval mode, its training flag restored afterwards) or an
+            :data:`InstancesFn` (e.g. :func:`predictor_instances` of a teacher).
         data: a COCO json (its images; annotations unused) or a dataset whose items hold
             ``"image"`` ``[3,H,W]``, ``"image_id"`` and optionally ``"orig_size"``.
-        device: where to run; None = where the model's parameters are. The model is moved there.
-        topk: instances kept per image. min_size / max_size: resize (shorter side to
-            ``min_size``, longer side at most ``max_size``) before the model; masks come back
-            at the original size.
+        device: where a network runs; None = where its parameters are. It is moved there.
+        min_size / max_size: resize (shorter side to ``min_size``, longer side at most
+            ``max_size``) before the model; masks come back at the original size.
         cat_ids: COCO category id per class index; default: the json's / dataset's categories
             in file order (the order training datasets number classes in).
 
@@ -90,32 +127,39 @@ def predict_dataset(model: nn.Module, data: Dataset | str | Path, batch_size: in
         cat_ids = cat_ids if cat_ids is not None else getattr(data, "cat_ids", None)
     if cat_ids is None:
         raise ValueError("predict_dataset: pass cat_ids (the dataset has no 'cat_ids')")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_EvalCollate(min_size, max_size))
-    records: list[dict[str, Any]] = []
-    try:
+    with _eval_mode(model, device):
+        fn = model if not isinstance(model, nn.Module) else network_instances(
+            model, topk=topk, mask_threshold=mask_threshold, score_threshold=score_threshold, chunk_size=chunk_size,
+            amp=amp)
+        records: list[dict[str, Any]] = []
         for batch in loader:
-            with _autocast(amp, dev):
-                out = model(batch["images"].to(dev, non_blocking=True))
-            stride = int(out.get("mask_stride", 4))
-            for b in range(len(batch["image_ids"])):
-                inst = postprocess_instances(out["pred_logits"][b: b + 1].float(), out["pred_masks"][b: b + 1].float(),
-                                             [batch["sizes"][b]], [batch["orig_sizes"][b]], topk=topk,
-                                             mask_threshold=mask_threshold, score_threshold=score_threshold,
-                                             chunk_size=chunk_size, mask_stride=stride)[0]
-                records += to_coco_results(inst, batch["image_ids"][b], cat_ids)
-    finally:
-        model.train(was_training)
+            for image_id, inst in zip(batch["image_ids"], fn(batch["images"], batch["sizes"], batch["orig_sizes"])):
+                records += to_coco_results(inst, image_id, cat_ids)
     return records
 
 
-def evaluate_model(model: nn.Module, val_json: str | Path, max_dets: int = 100, iou_type: str = "segm",
+@contextlib.contextmanager
+def _eval_mode(model: Any, device: str | torch.device | None):
+    """A network in eval mode on ``device`` for the block, its training flag restored after."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    if device is not None:
+        model.to(torch.device(device))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: nn.Module | InstancesFn, val_json: str | Path, max_dets: int = 100, iou_type: str = "segm",
                    images_root: str | Path | None = None, results_path: str | Path | None = None,
                    **predict_kwargs: Any) -> dict[str, float]:
-    """Mask (or box) AP of ``model`` on ``val_json``: ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10,
+    """Mask (or box) AP of ``model`` (a network or an :data:`InstancesFn`) on ``val_json``: ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10,
     AR100, ARs, ARm, ARl, num_predictions}`` as fractions (-1 where COCO leaves one undefined).
 
     ``predict_kwargs`` go to :func:`predict_dataset` (batch_size, device, topk, max_size, ...);

@@ -10,9 +10,10 @@ ground truth and against (already score-filtered, binarised) teacher pseudo-labe
 optional per-instance ``weights`` it honours. L_pxl is
 :class:`~castseg.losses.pixel_contrastive.PixelContrastiveLoss` over the pixels of both batches.
 
-Cost: one forward per batch (weak images, with embeddings only when L_pxl is on) feeds both the
-set loss and L_pxl; the strong view costs one more forward without gradient, only when L_pxl is
-on. A term whose λ is 0 is not computed at all (and the unlabeled batch is not even forwarded
+Cost: one gradient-carrying forward per step over the labeled and unlabeled weak images together
+(with embeddings only when L_pxl is on) feeds both set losses and L_pxl; the strong views cost one
+more forward without gradient, only when L_pxl is on. One forward per step is what
+DistributedDataParallel needs to reduce gradients during backward. A term whose λ is 0 is not computed at all (and the unlabeled batch is not even forwarded
 when neither L_semi nor L_pxl needs it).
 """
 
@@ -40,6 +41,40 @@ def _at_grid(x: Tensor, hw: tuple[int, int]) -> Tensor:
     rows = ((torch.arange(hw[0], device=x.device) + 0.5) * H / hw[0]).long()
     cols = ((torch.arange(hw[1], device=x.device) + 0.5) * W / hw[1]).long()
     return x[:, rows][:, :, cols]
+
+
+def _stack_padded(images: list[Tensor]) -> Tensor:
+    """``[B_i,3,H_i,W_i]`` batches → one ``[ΣB_i,3,H,W]`` batch, zero-padded bottom/right (the
+    collate's own padding convention, so each image keeps its pixels and its valid map)."""
+    if len(images) == 1:
+        return images[0]
+    h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+    return torch.cat([_pad(x, h, w) for x in images])
+
+
+def _slice_outputs(pred: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """The model outputs of images ``start:stop`` of a batch (tensors and ``aux_outputs``)."""
+    out = {}
+    for k, v in pred.items():
+        if torch.is_tensor(v) and v.dim() > 0:
+            out[k] = v[start:stop]
+        elif k == "aux_outputs":
+            out[k] = [_slice_outputs(a, start, stop) for a in v]
+        else:
+            out[k] = v
+    return out
+
+
+def build_objective(num_classes: int, loss: Any, lambda_semi: float, lambda_pxl: float) -> "CastObjective":
+    """J with a run's ``loss`` section (:class:`~castseg.config_sections.LossConfig`) and the
+    stage's λs."""
+    from castseg.losses import HungarianMatcher
+    from castseg.losses.pixel_contrastive import PixelContrastiveLoss
+
+    pixel = PixelContrastiveLoss(temperature=loss.temperature, num_negatives=loss.num_negatives,
+                                 sampler=loss.sampler, max_anchors=loss.max_anchors) if lambda_pxl > 0 else None
+    return CastObjective(SetLoss(num_classes, HungarianMatcher(num_points=loss.num_points), num_points=loss.num_points),
+                         pixel, lambda_semi=lambda_semi, lambda_pxl=lambda_pxl)
 
 
 class CastObjective(nn.Module):
@@ -102,12 +137,25 @@ class CastObjective(nn.Module):
         device = next(model.parameters()).device
         zero = torch.zeros((), device=device)
         out: dict[str, Tensor] = {"loss_sup": zero, "loss_semi": zero, "loss_pxl": zero}
+        parts = [(name, batch, use_set) for name, batch, use_set in
+                 (("sup", labeled_batch, True), ("semi", unlabeled_batch if use_unlabeled else None,
+                                                 self.lambda_semi > 0)) if batch is not None]
+        # One gradient-carrying forward over both batches, so DDP sees one forward per step
+        # (and reduces gradients while backward runs); per-image results equal separate forwards.
+        images = _stack_padded([b["images"].to(device) for _, b, _ in parts])
+        pred_all = model(images, return_embeddings=use_pxl)
+        strong_all = None
+        if use_pxl:
+            if any(b.get("images_strong") is None for _, b, _ in parts):
+                raise ValueError("L_pxl needs 'images_strong' in the batch (build the dataset with strong_view=True)")
+            with torch.no_grad():
+                strong_all = model(_stack_padded([b["images_strong"].to(device) for _, b, _ in parts]),
+                                   return_embeddings=True)["embeddings"]
         pxl_parts: list[dict[str, Tensor]] = []
-        for name, batch, use_set in (("sup", labeled_batch, True), ("semi", unlabeled_batch, self.lambda_semi > 0)):
-            if batch is None or (name == "semi" and not use_unlabeled):
-                continue
-            images = batch["images"].to(device)
-            pred = model(images, return_embeddings=use_pxl)
+        start = 0
+        for name, batch, use_set in parts:
+            n = len(batch["images"])
+            pred = _slice_outputs(pred_all, start, start + n)
             targets, valid, ids = self._targets(batch, pred["padded_size"], device,
                                                 with_ids=use_pxl and (name == "sup" or self.fnr_from_pseudo_labels))
             if use_set:
@@ -115,7 +163,8 @@ class CastObjective(nn.Module):
                 out[f"loss_{name}"] = terms["loss"]
                 out.update({f"{name}_{k}": terms[k].detach() for k in ("loss_ce", "loss_mask", "loss_dice")})
             if use_pxl:
-                pxl_parts.append(self._pixel_inputs(model, batch, pred, valid, ids, device))
+                pxl_parts.append(self._pixel_inputs(pred, strong_all[start:start + n], valid, ids, device))
+            start += n
         if use_pxl:
             out["loss_pxl"], stats = self._pixel_loss(pxl_parts, step, generator)
         else:
@@ -159,15 +208,11 @@ class CastObjective(nn.Module):
         return targets, torch.stack(valids), (torch.stack(ids) if with_ids else None)
 
     @staticmethod
-    def _pixel_inputs(model: nn.Module, batch: dict[str, Any], pred: dict[str, Any], valid: Tensor,
-                      ids: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    def _pixel_inputs(pred: dict[str, Any], z_strong: Tensor, valid: Tensor, ids: Tensor | None,
+                      device: torch.device) -> dict[str, Tensor]:
         """L_pxl inputs of one batch, all on the embedding grid ``[B,h,w]``: z^w (with grad),
-        z^s from a no-grad forward of the strong view, the weak forward's logits (the loss
-        detaches them for its sampler), valid pixels and instance ids (-1 unknown)."""
-        if batch.get("images_strong") is None:
-            raise ValueError("L_pxl needs 'images_strong' in the batch (build the dataset with strong_view=True)")
-        with torch.no_grad():
-            z_strong = model(batch["images_strong"].to(device), return_embeddings=True)["embeddings"]
+        z^s (the strong view's, no grad), the weak forward's logits (the loss detaches them for
+        its sampler), valid pixels and instance ids (-1 unknown)."""
         z_weak = pred["embeddings"]
         hw = tuple(z_weak.shape[-2:])
         n = len(z_weak)

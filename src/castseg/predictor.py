@@ -28,6 +28,14 @@ class Predictor:
     def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def num_parameters(self) -> int | None:
+        """Parameters of the model behind it (None where the runtime does not say)."""
+        return None
+
+    def gflops(self, images: torch.Tensor) -> float | None:
+        """GFLOPs of the network's forward on ``images`` (None where it cannot be counted)."""
+        return None
+
 
 class StudentPredictor(Predictor):
     """A student-architecture checkpoint (the student, or a `large`-preset teacher)."""
@@ -39,6 +47,14 @@ class StudentPredictor(Predictor):
         self.model = model.to(device).eval()
         self.class_names, self.device = class_names, device
         self.post = dict(topk=topk, mask_threshold=mask_threshold, score_threshold=score_threshold)
+
+    def num_parameters(self) -> int | None:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def gflops(self, images: torch.Tensor) -> float | None:
+        from castseg.models.sizes import forward_flops
+
+        return forward_flops(lambda: self.model(images.to(self.device))) / 1e9
 
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pred_logits [B,Q,C+1]``, ``pred_masks [B,Q,Hp/4,Wp/4]`` of the final layer."""
@@ -73,6 +89,12 @@ class OnnxPredictor(StudentPredictor):
         self.class_names, self.device = class_names, "cpu"
         self.post = dict(topk=topk, mask_threshold=mask_threshold, score_threshold=score_threshold)
 
+    def num_parameters(self) -> int | None:
+        return None
+
+    def gflops(self, images: torch.Tensor) -> float | None:
+        return None
+
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, masks = self.session.run(["pred_logits", "pred_masks"], {"images": images.cpu().numpy()})
         return torch.from_numpy(logits), torch.from_numpy(masks)
@@ -86,6 +108,9 @@ class TeacherPredictor(Predictor):
     def __init__(self, teacher: Any, class_names: list[str], score_threshold: float = 0.0, device: str = "cpu"):
         self.teacher = teacher.to(device).eval()
         self.class_names, self.device, self.score_threshold = class_names, device, score_threshold
+
+    def num_parameters(self) -> int | None:
+        return sum(p.numel() for p in self.teacher.parameters())
 
     def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         out = self.teacher.predict(images.to(self.device), self.class_names)
@@ -108,7 +133,7 @@ def onnx_class_names(path: Path) -> list[str]:
 
 def load_predictor(path: str | Path, onnx: bool = False, device: str = "cpu", topk: int = 100,
                    score_threshold: float = 0.0, threads: int | None = None) -> Predictor:
-    """A checkpoint folder/json (student), a teacher folder (``teacher.json``) or, with
+    """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``) or, with
     ``onnx``, an exported ``.onnx`` file."""
     path = Path(path)
     if not path.exists():
@@ -116,11 +141,11 @@ def load_predictor(path: str | Path, onnx: bool = False, device: str = "cpu", to
     if onnx or path.suffix == ".onnx":
         return OnnxPredictor(path, onnx_class_names(path), topk=topk, score_threshold=score_threshold,
                              threads=threads)
-    if path.is_dir() and (path / "teacher.json").is_file():
-        from castseg.models.teacher import build_teacher
+    if path.is_dir() and ((path / "teacher.json").is_file() or (path / "teacher.yaml").is_file()):
+        from castseg.pseudo_labels.teacher_spec import load_teacher
 
-        teacher = build_teacher({"type": "grounded_sam", "path": str(path)})
-        return TeacherPredictor(teacher, list(teacher.class_names), score_threshold, device)
+        teacher, _ = load_teacher(path, device=device)
+        return TeacherPredictor(teacher, teacher.resolve_class_names(None), score_threshold, device)
     from castseg.models.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(path, device=device)

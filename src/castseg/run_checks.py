@@ -11,10 +11,13 @@ are read here only; no stage trains on them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from castseg.data.coco_io import CocoData, load_coco, read_json
 from castseg.errors import InputError
+
+if TYPE_CHECKING:
+    from castseg.config import RunConfig
 
 PREMISE = "premise: adapted teacher / supervised-only student"
 # metrics["pseudo_labels"] keys (the cache files' stems) → the stage whose teacher made them
@@ -45,13 +48,12 @@ def premise_text(metrics: dict[str, Any]) -> str:
     return f"{PREMISE} = — ({why})"
 
 
-def load_unlabeled_gt(cfg: dict[str, Any]) -> CocoData | None:
+def load_unlabeled_gt(cfg: RunConfig) -> CocoData | None:
     """``data.unlabeled_gt`` loaded and checked to hold exactly the unlabeled set's images
     (same ids and file names); None when the config has none."""
-    from castseg.config import DataConfig
     from castseg.data.dataset import UnlabeledImageDataset
 
-    data = DataConfig.from_dict(cfg["data"], "config", "data")
+    data = cfg.data
     if not data.unlabeled_gt:
         return None
     path = Path(data.unlabeled_gt)
@@ -87,14 +89,21 @@ def pseudo_label_ap(gt: CocoData, results: str | Path, max_dets: int) -> dict[st
     return {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 
-def record_pseudo_labels(cfg: dict[str, Any], metrics: dict[str, Any], key: str, results: str | Path) -> None:
-    """``metrics["pseudo_labels"][key] = {AP, AP50, file}`` when ``data.unlabeled_gt`` is set."""
-    from castseg.config import EvalConfig
-
+def pseudo_label_rows(cfg: RunConfig, key: str, results: str | Path) -> dict[str, Any]:
+    """``{"pseudo_labels": {key: {AP, AP50, file}, ground_truth, num_images}}`` when
+    ``data.unlabeled_gt`` is set, else ``{}``."""
     gt = load_unlabeled_gt(cfg)
     if gt is None:
-        return
-    ev = EvalConfig.from_dict(cfg["eval"], "config", "eval")
-    entry = metrics.setdefault("pseudo_labels", {})
-    entry.update(ground_truth=str(gt.path), num_images=len(gt.images))
-    entry[key] = {**pseudo_label_ap(gt, results, ev.max_dets), "file": str(results)}
+        return {}
+    return {"pseudo_labels": {"ground_truth": str(gt.path), "num_images": len(gt.images),
+                              key: {**pseudo_label_ap(gt, results, cfg.eval.max_dets), "file": str(results)}}}
+
+
+def merge_rows(metrics: dict[str, Any], rows: dict[str, Any]) -> dict[str, Any]:
+    """``rows`` into ``metrics`` in place; the ``pseudo_labels`` entries of several stages merge."""
+    for k, v in rows.items():
+        if k == "pseudo_labels":
+            metrics.setdefault(k, {}).update(v)
+        else:
+            metrics[k] = v
+    return metrics

@@ -20,8 +20,8 @@ stage folder with other settings is kept as ``<stage>.stale-<n>``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import logging
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,6 +29,8 @@ from typing import Any
 
 from castseg.errors import CastsegError
 from castseg.model_rows import MODEL_ROWS
+
+logger = logging.getLogger(__name__)
 
 # The paper's models for `--pretrained` (hub ids; a connected machine, ideally with a GPU).
 PRETRAINED_TEACHER = {"type": "grounded_sam", "detector": "IDEA-Research/grounding-dino-base",
@@ -88,7 +90,7 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def _step(i: int, n: int, text: str) -> None:
-    print(f"[{i}/{n}] {text}", flush=True)
+    logger.info(f"[{i}/{n}] {text}")
 
 
 def check_hub(ids: list[str]) -> None:
@@ -116,9 +118,9 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> dict[str, Any]:
+def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> Any:
     """assets/demo.yaml + the split's files + the models (stand-ins or hub) + overrides."""
-    from castseg.config import load_config
+    from castseg.config import load_config, with_values
 
     quick = ["adapt.train.max_steps=2", "distill.train.max_steps=4", "refine.train.max_steps=2",
              "supervised.train.max_steps=2",
@@ -129,17 +131,15 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
         unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 6)
         gt = _subset(gt, out / "splits" / "unlabeled_gt_quick.json", 6) if gt else None  # the same 6 images
         val = _subset(val, out / "splits" / "val_quick.json", 4)
-    cfg["data"].update(labeled=str(labeled.resolve()), unlabeled=str(unlabeled.resolve()), val=str(val.resolve()),
-                       unlabeled_gt=str(gt.resolve()) if gt else None)
+    values: dict[str, Any] = {"data.labeled": str(labeled.resolve()), "data.unlabeled": str(unlabeled.resolve()),
+                              "data.val": str(val.resolve()), "data.unlabeled_gt": str(gt.resolve()) if gt else None}
     if args.pretrained:
-        cfg["teacher"] = dict(PRETRAINED_TEACHER)
-        cfg["model"].update(PRETRAINED_STUDENT)
-        cfg["train"]["device"] = "auto"
+        # whole sections: the demo's lite_student fields must not override the small preset's
+        values.update({"teacher": dict(PRETRAINED_TEACHER), "model": dict(PRETRAINED_STUDENT), "train.device": "auto"})
     else:
         teacher, student = standins()
-        cfg["teacher"] = {**(cfg.get("teacher") or {}), "type": "checkpoint", "path": str(teacher)}
-        cfg["model"]["init_from"] = str(student)
-    return cfg
+        values.update({"teacher": {"type": "checkpoint", "path": str(teacher)}, "model.init_from": str(student)})
+    return with_values(cfg, values, "castseg demo")
 
 
 def _efficiency(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -175,20 +175,21 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 def classical_baseline(val_json: Path, max_dets: int) -> dict[str, float]:
     """Training-free reference row: Otsu threshold + watershed on the val images."""
-    import numpy as np
+    import torch
 
     from castseg.baselines.classical import segment_nuclei
-    from castseg.data.coco_io import load_coco
-    from castseg.data.images import read_image
-    from castseg.eval.coco_eval import evaluate_coco
-    from castseg.eval.results import instances_to_results
+    from castseg.evaluate import evaluate_model, predictor_instances
 
-    val = load_coco(val_json)
-    records = []
-    for img in val.images:
-        masks, scores = segment_nuclei(read_image(val.image_path(img)))
-        records += instances_to_results(img["id"], masks, scores, np.full(len(scores), val.categories[0]["id"]))
-    stats = evaluate_coco(val, records, "segm", max_dets=max_dets)
+    def predict(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for x in images:  # [3,H,W] in [0,1] from uint8 files: the round trip is exact
+            masks, scores = segment_nuclei((x * 255).round().byte().permute(1, 2, 0).numpy())
+            out.append({"masks": torch.as_tensor(masks, dtype=torch.bool).reshape(-1, *x.shape[-2:]),
+                        "scores": torch.as_tensor(scores, dtype=torch.float32),
+                        "labels": torch.zeros(len(scores), dtype=torch.int64)})
+        return out
+
+    stats = evaluate_model(predictor_instances(predict), val_json, max_dets=max_dets)
     return {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 
@@ -210,33 +211,33 @@ def run(args: argparse.Namespace) -> int:
                    PRETRAINED_STUDENT["encoder_name"]])
     _step(1, n, f"data: {ann}")
     coco = load_coco(ann)
-    print(f"      {len(coco.images)} images, {len(coco.annotations)} instances, classes {coco.class_names}")
+    logger.info(f"      {len(coco.images)} images, {len(coco.annotations)} instances, classes {coco.class_names}")
     _step(2, n, f"split: val {args.val_fraction:.0%}, labeled {args.labeled_fraction:.0%} of the rest, "
                 f"seed {args.seed}")
     split = make_split(coco, seed=args.seed, labeled_fraction=args.labeled_fraction, val_fraction=args.val_fraction)
     files = write_split(coco, split, out / "splits", args.seed, args.labeled_fraction, args.val_fraction)
-    print(f"      labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, val {len(split.val)} "
-          f"-> {out / 'splits'}")
+    logger.info(f"      labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, val {len(split.val)} "
+                f"-> {out / 'splits'}")
     cfg = demo_config(args, files, out)
     save_resolved(cfg, out / "config.yaml")
     models = "hub models (--pretrained)" if args.pretrained else "pretrained stand-ins (assets/standins)"
     _step(3, n, f"castseg run: adapt teacher -> distill -> refine (+ supervised-only student) from {models}; "
                 f"config {out / 'config.yaml'}")
     # "auto": stages trained earlier in this folder with other settings are set aside and redone
-    metrics = stages.run_all(copy.deepcopy(cfg), out, resume="auto")
+    metrics = stages.run_all(cfg, out, resume="auto")
     _step(4, n, "classical reference on val (Otsu + watershed, no training)")
-    metrics["classical_baseline"] = classical_baseline(Path(cfg["data"]["val"]), cfg["eval"]["max_dets"])
+    metrics["classical_baseline"] = classical_baseline(Path(cfg.data.val), cfg.eval.max_dets)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, out / "metrics.json", indent=1)
 
-    val_n = len(load_coco(cfg["data"]["val"]).images)
-    print(f"\nmask AP on {val_n} val images (up to {cfg['eval']['max_dets']} detections per image), "
-          f"latency = one forward on one val image, {cfg['train']['device']}:\n")
+    val_n = len(load_coco(cfg.data.val).images)
+    print(f"\nmask AP on {val_n} val images (up to {cfg.eval.max_dets} detections per image), "
+          f"latency = one forward on one val image, {cfg.train.device}:\n")
     print(results_table(metrics))
     ckpt = (metrics.get("student_refined") or {}).get("checkpoint")
-    print(f"\nreport:  {out / 'report.html'}")
-    print(f"student: {ckpt}\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds")
-    print(f"done in {metrics['seconds']:.0f} s")
+    logger.info(f"report:  {out / 'report.html'}")
+    logger.info(f"student: {ckpt}\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds")
+    logger.info(f"done in {metrics['seconds']:.0f} s")
     print(json.dumps({k: round(metrics[k]["AP"], 4) for k, _, _ in MODEL_ROWS
                       if (metrics.get(k) or {}).get("AP") is not None}))
     return 0

@@ -10,8 +10,10 @@ the stage over). Finished stages are skipped on re-run; a stage whose settings c
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 VERBS = {
     "run": "all stages + the supervised-only baseline, metrics.json and the report",
     "adapt": "stage 1: adapt the teacher (a: labels + L_pxl; b: pseudo-label; c: re-init + labels + pseudo-labels)",
@@ -50,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from castseg.config import load_config, save_resolved
+    from castseg.config import load_config, save_resolved, with_values
     from castseg.data.coco_io import write_json
     from castseg.errors import CastsegError, InputError
     from castseg.models import load_checkpoint
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.unlabeled_gt).is_file():
             raise InputError(args.unlabeled_gt, "--unlabeled-gt: no such file (expected the unlabeled images' "
                              "own annotations, e.g. castseg split's unlabeled_gt.json)")
-        cfg["data"]["unlabeled_gt"] = args.unlabeled_gt
+        cfg = with_values(cfg, {"data.unlabeled_gt": args.unlabeled_gt}, "--unlabeled-gt")
     run_dir = Path(args.runs) / (args.name or Path(args.config).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "run":
         metrics = stages.run_all(cfg, run_dir, resume)
     elif args.verb == "adapt":
-        stages.run_adapt(cfg, run_dir, metrics, resume)
+        run_checks.merge_rows(metrics, stages.run_adapt(cfg, run_dir, resume)[1])
     elif args.verb == "distill":
         adapted = run_dir / "adapt" / "c"
         # a composite (grounded-SAM) teacher is saved in its own format beside the checkpoints
@@ -82,15 +84,15 @@ def run(args: argparse.Namespace) -> int:
         teacher = Path(args.teacher) if args.teacher else default
         if not teacher.exists():
             raise CastsegError(f"{teacher}: no adapted teacher; run `castseg adapt` first or pass --teacher")
-        stages.run_distill(cfg, run_dir, teacher, metrics, resume)
+        run_checks.merge_rows(metrics, stages.run_distill(cfg, run_dir, teacher, resume)[1])
     else:
         init = Path(args.init) if args.init else run_dir / "distill" / "checkpoints" / "last"
         if not init.exists():
             raise CastsegError(f"{init}: no distilled student; run `castseg distill` first or pass --init")
         model, _ = load_checkpoint(init)
-        stages.run_refine(cfg, run_dir, model.train(), metrics, resume)
+        metrics.update(stages.run_refine(cfg, run_dir, model.train(), resume))
     write_json(metrics, metrics_path, indent=1)
-    print(f"{args.verb} done: {run_dir}")
+    logger.info(f"{args.verb} done: {run_dir}")
     for key, row in metrics.items():
         if isinstance(row, dict) and row.get("AP") is not None:
             print(f"  {key:<20} AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}  {row.get('checkpoint') or ''}")
@@ -103,5 +105,5 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "run":
         print(f"  {run_checks.premise_text(metrics)}")
     if (run_dir / "report.html").is_file():
-        print(f"report: {run_dir / 'report.html'}")
+        logger.info(f"report: {run_dir / 'report.html'}")
     return 0

@@ -147,46 +147,5 @@ def wrap_model(model: nn.Module, info: DistInfo, find_unused_parameters: bool = 
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
-def allreduce_gradients(params: list[torch.Tensor], info: DistInfo, bucket_mb: float = 64) -> None:
-    """Average ``.grad`` over ranks in place, without DDP (``grad_sync: allreduce``).
-
-    Works with any number of forward passes per step and any parameter usage: a parameter
-    without a gradient on this rank contributes zeros, and one without a gradient on every rank
-    keeps ``grad = None`` (the optimizer then skips it, as under DDP). Gradients travel in
-    flattened buckets of at most ``bucket_mb`` to bound the extra memory.
-    """
-    if not info.enabled or not params:
-        return
-    dev = _comm_device(info)
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
-    dist.all_reduce(used, op=dist.ReduceOp.SUM)
-    live = [p for p, u in zip(params, used.tolist()) if u > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    limit = int(bucket_mb * 2**20)
-    bucket: list[torch.Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        flat = torch.cat([g.reshape(-1) for g in bucket]).to(dev)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= info.world_size
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    for p in sorted(live, key=lambda t: str(t.grad.dtype)):  # a bucket holds one dtype
-        g = p.grad
-        if bucket and (g.dtype != bucket[0].dtype or size + g.numel() * g.element_size() > limit):
-            flush()
-            bucket, size = [], 0
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-    if bucket:
-        flush()
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model

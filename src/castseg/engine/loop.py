@@ -34,7 +34,7 @@ from castseg.engine.checkpointing import (capture_rng, find_checkpoint, json_saf
                                           restore_rng, rng_from_bytes, rng_to_bytes, save_best,
                                           save_trainer_checkpoint, seed_everything, weights_sha256)
 from castseg.engine.data import BatchStream, derive_seed, to_device
-from castseg.engine.distributed import (DistInfo, all_reduce_mean, allreduce_gradients, barrier, broadcast_json,
+from castseg.engine.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_json,
                                         gather_bytes, init_distributed, wrap_model)
 from castseg.engine.logs import TrainLogger
 from castseg.engine.optim import Precision, build_optimizer, build_scheduler
@@ -86,9 +86,10 @@ def _explain_ddp_errors():
         yield
     except RuntimeError as e:
         if any(m in str(e) for m in _DDP_ERRORS):
-            raise CastsegError("DistributedDataParallel cannot follow this loss's forward passes (a parameter "
-                               "used in one pass of the step but not in the last, or unused with "
-                               "find_unused_parameters=false); set train.grad_sync=allreduce "
+            raise CastsegError("DistributedDataParallel cannot follow this loss's forward passes: a loss_fn "
+                               "must make one gradient-carrying forward per step (others under torch.no_grad), "
+                               "and every parameter must get a gradient unless train.find_unused_parameters "
+                               "is true "
                                f"(DDP said: {str(e).splitlines()[0][:200]})") from e
         raise
 
@@ -143,9 +144,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, param_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.precision = Precision(cfg.amp, self.device)
-        self.train_model = (wrap_model(self.model, self.dist, cfg.find_unused_parameters)
-                            if cfg.grad_sync == "ddp" else self.model)
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.train_model = wrap_model(self.model, self.dist, cfg.find_unused_parameters)
         self.streams: dict[str, BatchStream] = {}
         for key, loader in loaders.items():
             if not isinstance(loader, (BatchStream, DataLoader)):
@@ -245,8 +244,6 @@ class Trainer:
                 else:
                     continue  # non-scalar outputs (monitors, maps) are the caller's business
                 sums[k] = sums.get(k, 0.0) + v.to(self.device) / cfg.accumulate
-        if self.dist.enabled and model is self.model:
-            allreduce_gradients(self._params, self.dist)
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         keys = sorted(sums)

@@ -18,14 +18,13 @@ Output dict of :meth:`StudentModel.forward`:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from castseg.errors import InputError
 from castseg.models.decoder import MaskedAttentionDecoder
@@ -70,9 +69,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class StudentConfig:
+class StudentConfig(BaseModel):
     """Every architecture option (YAML ``model:`` maps onto these fields; ``preset`` first)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     preset: str | None = None
     num_classes: int = 1
@@ -114,6 +114,23 @@ class StudentConfig:
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
     pixel_std: tuple[float, ...] = IMAGENET_STD
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_first(cls, d: Any) -> Any:
+        """The preset's values, then the given keys on top."""
+        if not isinstance(d, dict) or d.get("preset") is None:
+            return d
+        if d["preset"] not in PRESETS:
+            raise ValueError(f"unknown preset {d['preset']!r}; choose one of {sorted(PRESETS)}")
+        return {**PRESETS[d["preset"]], **d}
+
+    @field_validator("pad_multiple")
+    @classmethod
+    def _pad(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, got {v}")
+        return v
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "StudentConfig":
         return cls.from_dict({"preset": name, **overrides})
@@ -121,30 +138,16 @@ class StudentConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "StudentConfig":
         """Preset (if any) first, then the other keys; unknown keys are an error naming ``source``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(source or "model config", f"unknown model option(s) {unknown}; "
-                             f"valid: {sorted(names)}")
-        preset = d.get("preset")
-        values: dict[str, Any] = {}
-        if preset is not None:
-            if preset not in PRESETS:
-                raise InputError(source or "model config", f"unknown preset {preset!r}; choose one of "
-                                 f"{sorted(PRESETS)}")
-            values.update(PRESETS[preset])
-        values.update(d)
-        for k in ("out_indices", "feature_strides", "reassemble_dims", "pixel_mean", "pixel_std"):
-            if values.get(k) is not None:
-                values[k] = tuple(values[k])
-        cfg = cls(**values)
-        if cfg.pad_multiple % 32:
-            raise InputError(source or "model config", f"pad_multiple must be a multiple of 32, got {cfg.pad_multiple}")
-        return cfg
+        from castseg.config_sections import describe_error
+
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise InputError(source or "model config", describe_error(e, "model", cls)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (tuples become lists); ``from_dict(to_dict())`` gives an equal config."""
-        return json_ready(dataclasses.asdict(self))
+        return self.model_dump(mode="json")
 
 
 def json_ready(x: Any) -> Any:
@@ -164,7 +167,7 @@ class StudentModel(nn.Module):
 
     def __init__(self, config: StudentConfig):
         super().__init__()
-        config = dataclasses.replace(config)  # a copy: encoder_config gets filled in below
+        config = config.model_copy(deep=True)  # a copy: encoder_config gets filled in below
         self.config = config
         self.encoder, arch = build_encoder(config.encoder_type, config.encoder_name, config.pretrained,
                                            config.encoder_config, config.out_indices, config.encoder_layernorm,

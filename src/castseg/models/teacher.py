@@ -10,13 +10,14 @@ Every teacher follows one contract (:class:`Teacher`):
 - ``trainable_parameters()`` → the parameters adaptation should optimise.
 
 Implementations: :class:`~castseg.models.grounded_sam.GroundedSAMTeacher` (the paper's Grounding
-DINO + SAM2), :class:`ModelTeacher` (any student-architecture model, e.g. the ``large`` preset) and
-:class:`EnsembleTeacher`. :func:`build_teacher` builds any of them from a config dict.
+DINO + SAM2), :class:`ModelTeacher` (any student-architecture model, e.g. the ``large`` preset),
+:class:`EnsembleTeacher` and :class:`~castseg.models.tta.TTATeacher`.
+:func:`castseg.models.teacher_factory.build_teacher` builds any of them from a config.
 """
 
 from __future__ import annotations
 
-import inspect
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -68,6 +69,22 @@ class Teacher(nn.Module):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+    def forward(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
+                class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """:meth:`loss` — so that DistributedDataParallel, which hooks ``forward``, can wrap a
+        teacher that adapts."""
+        return self.loss(images, targets, class_names)
+
+    def trainable(self) -> Any:
+        """How a stage trains this teacher (:mod:`castseg.trainable`)."""
+        from castseg.trainable import TeacherTrainable
+
+        return TeacherTrainable(self)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the teacher to the folder ``path`` so that ``load_teacher(path)`` rebuilds it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved; adapt it through a saveable teacher")
 
 
 # ---------------------------------------------------------------- boxes, masks, NMS (pure torch)
@@ -190,6 +207,18 @@ class ModelTeacher(Teacher):
         return postprocess_instances(out["pred_logits"], out["pred_masks"], [tuple(out.get("image_size", size))] * b,
                                      [size] * b, **kwargs)
 
+    def trainable(self) -> Any:
+        """Stage 1 trains the network itself on CAST's J, as the student (METHOD.md)."""
+        from castseg.trainable import CastTrainable
+
+        return CastTrainable(self.model)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from castseg.models.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.model, None, self.resolve_class_names(None), step=0)
+        return Path(path)
+
     def loss(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
              class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         out = self.model(images.to(self.device))
@@ -250,6 +279,23 @@ class EnsembleTeacher(Teacher):
             results.append({"masks": masks[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
 
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Each member in ``member<k>/`` and ``teacher.yaml`` (an ensemble config over them)."""
+        import yaml
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        members = []
+        for k, t in enumerate(self.teachers):
+            folder = t.save_pretrained(path / f"member{k}")
+            members.append({"type": "checkpoint" if (Path(folder) / "model.json").is_file() else "grounded_sam",
+                            "path": f"member{k}"})
+        spec = {"type": "ensemble", "members": members, "weights": self.weights, "mask_nms_iou": self.mask_nms_iou,
+                "class_agnostic": self.class_agnostic, "max_detections": self.max_detections,
+                "class_names": self.class_names}
+        (path / "teacher.yaml").write_text(yaml.safe_dump({"teacher": spec}, sort_keys=False))
+        return path
+
     def loss(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
              class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Adapting an ensemble adapts every member: ``loss = Σ weight_i · loss_i``."""
@@ -261,86 +307,3 @@ class EnsembleTeacher(Teacher):
             total = w * terms["loss"] if total is None else total + w * terms["loss"]
         out["loss"] = total
         return out
-
-
-# ---------------------------------------------------------------- registry / factory
-
-def _call_with_options(kind: str, fn: Callable[..., Teacher], options: dict[str, Any],
-                       signature_of: Callable[..., Any] | None = None) -> Teacher:
-    """``fn(**options)``, with option names unknown to ``signature_of`` (default ``fn``) reported
-    as one line listing the valid ones."""
-    params = {k: p for k, p in inspect.signature(signature_of or fn).parameters.items() if k != "self"}
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            raise CastsegError(f"teacher type {kind!r}: unknown option(s) {unknown}; valid: {sorted(params)}")
-    return fn(**options)
-
-
-def _grounded_sam(cfg: dict[str, Any]) -> Teacher:
-    from castseg.models.grounded_sam import GroundedSAMTeacher
-
-    cfg = dict(cfg)
-    path = cfg.pop("path", None)
-    if path is not None:  # an adapted teacher written by save_pretrained
-        return _call_with_options("grounded_sam", lambda **kw: GroundedSAMTeacher.from_pretrained(path, **kw), cfg,
-                                  signature_of=GroundedSAMTeacher)
-    return _call_with_options("grounded_sam", GroundedSAMTeacher, cfg)
-
-
-def _checkpoint(cfg: dict[str, Any]) -> Teacher:
-    from castseg.models.checkpoint import load_checkpoint
-
-    cfg = dict(cfg)
-    if "path" not in cfg:
-        raise CastsegError("teacher type 'checkpoint' needs 'path' (a castseg checkpoint folder or file)")
-    device = cfg.pop("device", "cpu")
-    model, meta = load_checkpoint(cfg.pop("path"), device=device)
-    cfg.setdefault("class_names", meta["class_names"])
-    return _call_with_options("checkpoint", lambda **kw: ModelTeacher(model, **kw), cfg,
-                              signature_of=lambda class_names=None, postprocess_kwargs=None, loss_fn=None: None)
-
-
-def _ensemble(cfg: dict[str, Any]) -> Teacher:
-    cfg = dict(cfg)
-    members = cfg.pop("members", None)
-    if not isinstance(members, list) or not members:
-        raise CastsegError("teacher type 'ensemble' needs 'members': a non-empty list of teacher configs")
-    return _call_with_options("ensemble", EnsembleTeacher, {"teachers": [build_teacher(m) for m in members], **cfg})
-
-
-def _tta(cfg: dict[str, Any]) -> Teacher:
-    from castseg.models.tta import TTATeacher
-
-    cfg = dict(cfg)
-    member = cfg.pop("member", None)
-    if not isinstance(member, dict):
-        raise CastsegError("teacher type 'tta' needs 'member': a teacher config (e.g. {type: checkpoint, path: P})")
-    return _call_with_options("tta", TTATeacher, {"member": build_teacher(member), **cfg})
-
-
-TEACHER_TYPES: dict[str, Callable[[dict[str, Any]], Teacher]] = {
-    "grounded_sam": _grounded_sam, "checkpoint": _checkpoint, "ensemble": _ensemble, "tta": _tta}
-
-
-def register_teacher(name: str, builder: Callable[[dict[str, Any]], Teacher]) -> None:
-    """Make ``{"type": name, ...}`` buildable by :func:`build_teacher` (``builder`` gets the
-    config without ``"type"``)."""
-    TEACHER_TYPES[name] = builder
-
-
-def build_teacher(cfg: dict[str, Any]) -> Teacher:
-    """Build a teacher from ``{"type": ..., **options}``:
-
-    - ``{"type": "grounded_sam", **GroundedSAMTeacher options}`` or ``{"type": "grounded_sam",
-      "path": DIR}`` (a teacher saved with ``save_pretrained``);
-    - ``{"type": "checkpoint", "path": P, "postprocess_kwargs": {...}}``: a castseg checkpoint;
-    - ``{"type": "ensemble", "members": [cfg, ...], "weights": [...], "mask_nms_iou": 0.5}``;
-    - ``{"type": "tta", "member": cfg, "flips": ["h", "v"]}``: the member on flipped views, fused.
-    """
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise CastsegError(f"teacher config must be a mapping with a 'type' ({sorted(TEACHER_TYPES)})")
-    kind = cfg["type"]
-    if kind not in TEACHER_TYPES:
-        raise CastsegError(f"unknown teacher type {kind!r}; choose one of {sorted(TEACHER_TYPES)}")
-    return TEACHER_TYPES[kind]({k: v for k, v in cfg.items() if k != "type"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from castseg import __version__
+from castseg.console import Progress
 from castseg.data.coco_io import read_json, validate_coco, write_json
 from castseg.data.dataset import UnlabeledImageDataset
 from castseg.errors import CastsegError, InputError
@@ -26,30 +27,25 @@ from castseg.models.inference import resize_masks
 from castseg.pseudo_labels.cache import COMPANIONS, FORMAT, IDENTITY_KEYS, images_sha256, manifest_path, parts_dir
 from castseg.stale import move_aside
 
+logger = logging.getLogger(__name__)
 
-def dist_info(init: bool = True) -> tuple[int, int]:
-    """``(rank, world_size)``. Under torchrun with no process group yet, a gloo group is
-    initialised (only small Python objects travel between ranks: CPU collectives suffice)."""
-    import torch.distributed as dist
 
-    if not dist.is_available():
-        return 0, 1
-    if init and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-            and "MASTER_ADDR" in os.environ:
-        dist.init_process_group("gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the engine's process group (joined here under torchrun, with
+    the backend the engine picks: NCCL on GPUs, gloo on CPU)."""
+    from castseg.engine.distributed import init_distributed
+
+    info = init_distributed("auto")
+    return info.rank, info.world_size
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's JSON-able ``obj`` in rank order (fixed-size tensors on the wire; no pickle)."""
     if world == 1:
         return [obj]
-    import torch.distributed as dist
+    from castseg.engine.distributed import init_distributed, gather_bytes
 
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    return [json.loads(b.decode()) for b in gather_bytes(json.dumps(obj).encode(), init_distributed("auto"))]
 
 
 def _on_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
@@ -151,8 +147,8 @@ def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool, restart_chang
     changed = [k for k in IDENTITY_KEYS if old is not None and old.get(k) != manifest[k]]
     if changed and restart_changed:
         aside = move_aside(out, COMPANIONS)
-        print(f"[pseudo-labels {out.name}] made earlier with a different {', '.join(changed)}, starting over "
-              f"(the earlier cache is kept as {aside})", file=sys.stderr, flush=True)
+        logger.info(f"[pseudo-labels {out.name}] made earlier with a different {', '.join(changed)}, starting over "
+                    f"(the earlier cache is kept as {aside})")
         old = None
     elif changed:
         k = changed[0]
@@ -160,8 +156,7 @@ def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool, restart_chang
                          f"{manifest[k]!r}); pass --overwrite to discard it or choose another --out")
     if old is not None:
         if old.get("finished") and out.is_file():
-            print(f"[pseudo-labels {out.name}] finished earlier with the same teacher and images, reused",
-                  file=sys.stderr, flush=True)
+            logger.info(f"[pseudo-labels {out.name}] finished earlier with the same teacher and images, reused")
             return "done"
         manifest["created"] = old.get("created", manifest["created"])
     else:
@@ -231,10 +226,8 @@ def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
 
     mine = [k for k in range(len(chunk_ids)) if k % world == rank]
     todo = [k for k in mine if not _part(out, k).is_file()]
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(chunk_ids[k]) for k in mine), initial=sum(len(chunk_ids[k]) for k in mine
-               if k not in todo), desc="pseudo-label", unit="img", file=sys.stderr, disable=not progress or rank != 0)
+    bar = Progress(sum(len(chunk_ids[k]) for k in mine), f"pseudo-labels {out.name}",
+                   initial=sum(len(chunk_ids[k]) for k in mine if k not in todo), enabled=progress and rank == 0)
     failure = None
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     cat_of = np.asarray(cat_ids, dtype=np.int64)
@@ -250,6 +243,7 @@ def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
             records = _predict_chunk(teacher, _batches(load, idx, batch_size, pool), names, cat_of, min_score,
                                      max_size, bar)
             write_json({"chunk": k, "image_ids": chunk_ids[k], "results": records}, _part(out, k))
+            logger.debug(f"[pseudo-labels {out.name}] chunk {k}: {len(records)} instances -> {_part(out, k)}")
     except Exception as e:
         if world == 1:
             raise

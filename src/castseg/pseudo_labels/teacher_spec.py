@@ -42,7 +42,7 @@ def _walk_config(cfg: Any, base: Path, source: Path, found: list[Path]) -> tuple
 def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
     ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
-    ``.json``: a :func:`~castseg.models.teacher.build_teacher` mapping, optionally under a
+    ``.json``: a :func:`~castseg.models.teacher_factory.build_teacher` mapping, optionally under a
     ``teacher:`` key; relative ``path`` values are relative to the config's folder).
 
     Returns ``(teacher, info)`` with ``info = {"spec", "config", "weights": {file: sha256},
@@ -51,14 +51,16 @@ def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, 
     import yaml
 
     from castseg.models.checkpoint import read_checkpoint_meta
-    from castseg.models.teacher import build_teacher
+    from castseg.models.teacher_factory import build_teacher
 
     path = Path(spec)
     if not path.exists():
         raise InputError(path, "teacher not found (expected a castseg checkpoint, a teacher folder with "
-                         "teacher.json, or a teacher config .yaml/.json)")
+                         "teacher.json or teacher.yaml, or a teacher config .yaml/.json)")
     found: list[Path] = []
     weights: dict[str, str] = {}
+    if path.is_dir() and (path / "teacher.yaml").is_file():  # e.g. an adapted ensemble (save_pretrained)
+        path = path / "teacher.yaml"
     is_config = path.suffix.lower() in (".yaml", ".yml")
     if path.suffix.lower() == ".json" and path.is_file():
         head = read_json(path)

@@ -1,0 +1,46 @@
+"""What the run report shows besides the metrics: each model's size, cost and predictions.
+
+:func:`report_extras` loads the adapted teacher and the refined student through the one
+predictor interface (:func:`castseg.predictor.load_predictor`) and measures params, GFLOPs
+and latency on the first val image, then draws both models' predictions on the first val
+images, teacher and student of one image side by side.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from castseg.config import RunConfig
+
+MODELS = (("teacher_adapted", "teacher (adapted)"), ("student_refined", "student (refined)"))
+
+
+def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, repeats: int = 3
+                  ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, bytes]]]:
+    """``({label: {params, gflops, latency_ms}}, [(caption, PNG bytes), ...])``."""
+    from castseg.bench import bench_predictor_forward
+    from castseg.data.coco_io import load_coco
+    from castseg.data.images import read_image
+    from castseg.models.inference import resize_masks
+    from castseg.predictor import load_predictor, resize_for_model
+    from castseg.report import overlay
+
+    if not cfg.data.val:
+        return {}, []
+    val = load_coco(cfg.data.val, cfg.data.images_root)
+    images = [read_image(val.image_path(img)) for img in val.images[:num_images]]
+    views = [resize_for_model(img, cfg.val_max_size)[None] for img in images]
+    efficiency: dict[str, dict[str, Any]] = {}
+    panels: dict[str, list[tuple[str, bytes]]] = {}
+    for key, label in MODELS:
+        ckpt = (metrics.get(key) or {}).get("checkpoint")
+        if not ckpt:
+            continue
+        pred = load_predictor(ckpt, topk=cfg.eval.topk, score_threshold=0.3)
+        efficiency[label] = {"params": pred.num_parameters(), "gflops": pred.gflops(views[0]),
+                             "latency_ms": bench_predictor_forward(pred, views[0], repeats)["median_ms"]}
+        for i, (img, x) in enumerate(zip(images, views)):
+            masks = resize_masks(pred(x)[0]["masks"], img.shape[:2])
+            panels.setdefault(f"{i}", []).append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
+    return efficiency, [p for i in sorted(panels) for p in panels[i]]

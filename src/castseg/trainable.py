@@ -1,0 +1,124 @@
+"""What a stage needs of the model it trains: :class:`Trainable`.
+
+A stage (:mod:`castseg.stages`) never asks what kind of model it holds. It asks the model for
+its :class:`Trainable` — the student and a checkpoint teacher give a :class:`CastTrainable`
+(CAST's objective J, the student evaluator, the engine's checkpoint is the model); any other
+:class:`~castseg.models.teacher.Teacher` (Grounding DINO + SAM2, an ensemble, ...) gives a
+:class:`TeacherTrainable` (its own ``loss``, evaluation through its ``predict``, saved with its
+own ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from castseg.config_sections import LossConfig
+
+if TYPE_CHECKING:
+    from castseg.config import RunConfig
+
+LossFn = Callable[[nn.Module, dict[str, Any], int], dict[str, torch.Tensor]]
+EvaluateFn = Callable[[nn.Module], dict[str, float]]
+
+
+class Trainable(Protocol):
+    """A model as a stage trains it."""
+
+    supports_pxl: bool  # False: L_pxl needs pixel embeddings the model does not have; λ_pxl is 0
+
+    def module(self) -> nn.Module:
+        """What the engine optimises, wraps in DDP and checkpoints."""
+
+    def loss_fn(self, class_names: list[str], loss: LossConfig, lambda_semi: float, lambda_pxl: float) -> LossFn:
+        """``loss_fn(module, batches, step) -> {"loss", <terms>}`` for the engine."""
+
+    def evaluator(self, cfg: RunConfig) -> EvaluateFn | None:
+        """Val metrics of the trained module (None without ``data.val``)."""
+
+    def save(self, trained: nn.Module, folder: Path) -> Path | None:
+        """The trained model in a form ``load_teacher`` / ``load_predictor`` read; None when the
+        engine's checkpoint already is one."""
+
+
+def val_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``evaluate_model`` options of a run's ``eval`` section."""
+    ev = cfg.eval
+    return dict(max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk, max_size=cfg.val_max_size,
+                images_root=cfg.data.images_root)
+
+
+class CastTrainable:
+    """A student-architecture network (the student; a checkpoint teacher) trained on CAST's J."""
+
+    supports_pxl = True
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+
+    def module(self) -> nn.Module:
+        return self.network
+
+    def loss_fn(self, class_names: list[str], loss: LossConfig, lambda_semi: float, lambda_pxl: float) -> LossFn:
+        from castseg.objective import build_objective
+
+        objective = build_objective(len(class_names), loss, lambda_semi, lambda_pxl)
+
+        def run(m: nn.Module, batches: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+            return objective(m, batches.get("labeled"), batches.get("unlabeled"), step=step)
+
+        return run
+
+    def evaluator(self, cfg: RunConfig) -> EvaluateFn | None:
+        from castseg.evaluate import make_evaluator
+
+        return make_evaluator(cfg.data.val, **val_kwargs(cfg)) if cfg.data.val else None
+
+    def save(self, trained: nn.Module, folder: Path) -> Path | None:
+        return None
+
+
+class TeacherTrainable:
+    """Any :class:`~castseg.models.teacher.Teacher` trained through its own ``loss`` on the
+    labeled and pseudo-labelled batches (for Grounding DINO + SAM2: its detection loss + SAM2
+    mask BCE/Dice). L_pxl does not apply: no pixel embeddings."""
+
+    supports_pxl = False
+
+    def __init__(self, teacher: Any):
+        self.teacher = teacher
+
+    def module(self) -> nn.Module:
+        return self.teacher
+
+    def loss_fn(self, class_names: list[str], loss: LossConfig, lambda_semi: float, lambda_pxl: float) -> LossFn:
+        def run(m: nn.Module, batches: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+            terms: dict[str, torch.Tensor] = {}
+            total: Any = 0.0
+            for key, batch in batches.items():
+                targets = [{"labels": t["labels"], "masks": t["masks"]} for t in batch["targets"]]
+                out = m.loss(batch["images"], targets, class_names)
+                total = total + (lambda_semi if key == "unlabeled" else 1.0) * out["loss"]
+                terms.update({f"{key}_{k}": v.detach() for k, v in out.items() if k != "loss"})
+            return {"loss": total, **terms}
+
+        return run
+
+    def evaluator(self, cfg: RunConfig) -> EvaluateFn | None:
+        from castseg.evaluate import evaluate_model, predictor_instances
+
+        if not cfg.data.val:
+            return None
+        kwargs = val_kwargs(cfg)
+        del kwargs["topk"]  # the teacher's own max_detections applies
+
+        def run(m: nn.Module) -> dict[str, float]:
+            return evaluate_model(predictor_instances(m.predict), cfg.data.val, **kwargs)
+
+        return run
+
+    def save(self, trained: nn.Module, folder: Path) -> Path | None:
+        return trained.save_pretrained(folder)
