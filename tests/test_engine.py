@@ -291,7 +291,23 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 
 def test_bf16_autocast_on_cpu_and_fp16_falls_back(tmp_path):
-    task.make_trainer(tmp_path / "bf16", 3, amp="bf16", ckpt_every=0).fit()
+    start = {k: v.clone() for k, v in task.make_model().state_dict().items()}
+    final, val, dtypes = {}, {}, {}
+    for amp in ("none", "bf16"):
+        t = task.make_trainer(tmp_path / amp, 3, amp=amp, ckpt_every=0)
+        seen = dtypes[amp] = set()
+        t.model[0].register_forward_hook(lambda m, i, o, seen=seen: seen.add((m.training, o.dtype)))
+        val[amp] = t.fit()["val"]["mse"]
+        final[amp] = t.model.state_dict()
+    # bf16 autocasts the training forwards only (validation runs in fp32); the weights stay fp32
+    assert dtypes == {"none": {(True, torch.float32), (False, torch.float32)},
+                      "bf16": {(True, torch.bfloat16), (False, torch.float32)}}
+    assert all(v.dtype == torch.float32 for v in final["bf16"].values())
+    # the same trajectory up to bf16 rounding: close to fp32's, but not fp32's
+    diff = max((final["bf16"][k] - v).abs().max().item() for k, v in final["none"].items())
+    moved = max((final["none"][k] - v).abs().max().item() for k, v in start.items())
+    assert 0 < diff < 0.05 * moved  # measured: 1.2e-4 vs 1.2e-2
+    assert val["bf16"] != val["none"] and val["bf16"] == pytest.approx(val["none"], rel=1e-3)
     with pytest.warns(UserWarning, match="fp16 needs CUDA"):
         t = task.make_trainer(tmp_path / "fp16", 2, amp="fp16", ckpt_every=0)
     assert t.precision.scaler is None
