@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -45,9 +46,9 @@ class NoisyRegression(Dataset):
         return self.x[i] + self.noise * torch.randn(DIM), self.y[i]
 
 
-def make_model(seed: int = 0) -> nn.Module:
+def make_model(seed: int = 0, dropout: float = 0.2) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    return nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
 
 
 def loss_fn(model, batches, step, sleep: float = 0.0, crash_at: int | None = None):
@@ -56,10 +57,11 @@ def loss_fn(model, batches, step, sleep: float = 0.0, crash_at: int | None = Non
     if crash_at is not None and step == crash_at:
         os._exit(3)  # a hard crash: no cleanup, no exception handling
     x, y = batches["labeled"]
-    sup = nn.functional.mse_loss(model(x), y)
     xu, _ = batches["unlabeled"]
-    # A second forward pass per step, like the CAST objective's unlabeled branch.
-    reg = model(xu).pow(2).mean()
+    # One forward over both streams, as the CAST objective does (what DDP needs).
+    out = model(torch.cat([x, xu]))
+    sup = nn.functional.mse_loss(out[: len(x)], y)
+    reg = out[len(x):].pow(2).mean()
     return {"loss": sup + 0.01 * reg, "loss_sup": sup, "loss_reg": reg}
 
 
@@ -75,13 +77,13 @@ def make_eval(seed: int = 7):
 
 
 def make_trainer(run_dir, max_steps: int = 30, sleep: float = 0.0, dist=None, crash_at: int | None = None,
-                 **cfg_kw) -> Trainer:
+                 dropout: float = 0.2, **cfg_kw) -> Trainer:
     cfg = TrainConfig(**{**dict(max_steps=max_steps, batch_size=4, lr=1e-2, warmup_steps=3, ckpt_every=5,
                                 val_every=10, log_every=5, device="cpu", best_metric="mse", best_mode="min"),
                          **cfg_kw})
     loaders = {"labeled": BatchStream(NoisyRegression(24, seed=1), cfg.batch_size),
                "unlabeled": BatchStream(NoisyRegression(40, seed=2), cfg.batch_size)}
-    return Trainer(make_model(), lambda m, b, s: loss_fn(m, b, s, sleep, crash_at), loaders, cfg, run_dir,
+    return Trainer(make_model(dropout=dropout), lambda m, b, s: loss_fn(m, b, s, sleep, crash_at), loaders, cfg, run_dir,
                    evaluate_fn=make_eval(), name="toy", dist=dist)
 
 
@@ -101,24 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--crash-at", type=int, help="exit abruptly when this step starts")
-    ap.add_argument("--grad-sync", default="ddp", help="comma-separated: one run (in RUN_DIR/<mode>) per mode")
-    ap.add_argument("--out", help="file for 'mode weights-sha256 final-val-mse' lines (.rankN under torchrun)")
+    ap.add_argument("--batch-size", type=int, default=4, help="per process")
+    ap.add_argument("--no-dropout", action="store_true", help="no RNG in the forward: runs over the same global "
+                                                               "batch match whatever the process count")
+    ap.add_argument("--out", help="file for 'weights-sha256 final-val-mse' and the weights (json) (.rankN under torchrun)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    modes = a.grad_sync.split(",")
-    lines = []
-    for mode in modes:
-        run_dir = Path(a.run_dir) / mode if len(modes) > 1 else Path(a.run_dir)
-        trainer = make_trainer(run_dir, a.max_steps, a.sleep, dist=info, ckpt_every=a.ckpt_every,
-                               accumulate=a.accumulate, grad_sync=mode, crash_at=a.crash_at)
-        result = trainer.fit()
-        lines.append(f"{mode} {weights_hash(trainer.model)} {(result.get('val') or {}).get('mse')}\n")
+    trainer = make_trainer(Path(a.run_dir), a.max_steps, a.sleep, dist=info, ckpt_every=a.ckpt_every,
+                           accumulate=a.accumulate, crash_at=a.crash_at, batch_size=a.batch_size,
+                           dropout=0.0 if a.no_dropout else 0.2)
+    result = trainer.fit()
     if a.out:
         out = Path(a.out)
         if info.enabled:
             out = out.with_name(f"{out.name}.rank{info.rank}")
-        out.write_text("".join(lines))
+        weights = [v.flatten().tolist() for _, v in sorted(unwrap_model(trainer.model).state_dict().items())]
+        out.write_text(f"{weights_hash(trainer.model)} {(result.get('val') or {}).get('mse')}\n"
+                       + json.dumps(weights) + "\n")
     if info.enabled:
         torch.distributed.destroy_process_group()
     return 0

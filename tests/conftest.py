@@ -100,3 +100,47 @@ def _onnx_matches_torch(model, path: Path, trace_shape: tuple, shapes: list[tupl
         for got, want in zip(sess.run(None, {"images": x.numpy()}), ref):
             assert got.shape == tuple(want.shape)
             assert (torch.from_numpy(got) - want).abs().max() < atol
+
+
+# --- a whole CAST run in seconds: 9 embedded DSB images, tiny presets ---------------------------
+
+TRAIN = {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "ckpt_every": 2, "log_every": 1, "device": "cpu"}
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A 9-image split of the embedded default, a tiny random teacher checkpoint and ``tiny.yaml``
+    (a `castseg run` config over them) in ``tmp_path``."""
+    import json
+
+    import yaml
+
+    from castseg.commands.demo import embedded_default
+    from castseg.data.coco_io import load_coco
+    from castseg.data.split import make_split, write_split
+    from castseg.models import StudentConfig, build_student, save_checkpoint
+
+    coco = load_coco(embedded_default())
+    small = coco.to_dict()
+    keep = {img["id"] for img in coco.images[:9]}
+    small["images"] = [i for i in small["images"] if i["id"] in keep]
+    small["annotations"] = [a for a in small["annotations"] if a["image_id"] in keep]
+    small["images_root"] = str(coco.images_root)
+    (tmp_path / "nine.json").write_text(json.dumps(small))
+    sub = load_coco(tmp_path / "nine.json")
+    split = make_split(sub, seed=0, labeled_fraction=0.4, val_fraction=0.25)
+    files = write_split(sub, split, tmp_path / "splits", 0, 0.4, 0.25)
+    teacher = build_student(StudentConfig.from_preset("tiny", num_queries=20))
+    save_checkpoint(tmp_path / "teacher", teacher, teacher.config.to_dict(), ["nucleus"], step=0)
+    cfg = {
+        "data": {"labeled": str(files["labeled"]), "unlabeled": str(files["unlabeled"]), "val": str(files["val"]),
+                 "crop_size": [96, 96], "scale_range": [0.5, 1.0], "val_max_size": 128},
+        "model": {"preset": "tiny", "num_queries": 20, "dec_layers": 2},
+        "teacher": {"type": "checkpoint", "path": str(tmp_path / "teacher")},
+        "train": TRAIN,
+        "loss": {"num_points": 256, "max_anchors": 64, "num_negatives": 16},
+        "eval": {"max_dets": 100, "topk": 20, "max_size": 128},
+        "pseudo_labels": {"max_size": 128},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path

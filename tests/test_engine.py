@@ -355,22 +355,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    out = tmp_path / "hash"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(TASK), str(tmp_path / "run"), "20", "--grad-sync", "ddp,allreduce", "--out", str(out)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [out.with_name(f"hash.rank{r}").read_text().split("\n")[:2] for r in (0, 1)]
-    assert ranks[0] == ranks[1]
-    # Both gradient-sync modes average the same gradients: bit-identical too.
-    assert ranks[0][0].split()[1:] == ranks[0][1].split()[1:]
-    # Only rank 0 wrote: one checkpoint and one log per run.
-    for mode in ("ddp", "allreduce"):
-        run = tmp_path / "run" / mode
-        assert find_checkpoint(run / "checkpoints" / "last").complete
-        assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "log.csv", "tensorboard",
-                                                         "val_metrics.json", "val_metrics.jsonl"]
+def test_torchrun_ddp_matches_one_process_over_the_same_global_batch(tmp_path):
+    """Plain DDP: 2 ranks × 2 samples end bit-identical to each other and equal to 1 process ×
+    4 samples (the same global batches: the stream deals one seeded order round-robin)."""
+    common = ["20", "--no-dropout", "--ckpt-every", "10"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), str(TASK), str(tmp_path / "two"), *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two.txt")], env=ENV, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(TASK), str(tmp_path / "one"), *common, "--batch-size", "4",
+                          "--out", str(tmp_path / "one.txt")], env=ENV, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [(tmp_path / f"two.txt.rank{r}").read_text().splitlines() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # hash, val mse and weights
+    single = (tmp_path / "one.txt").read_text().splitlines()
+    ddp, alone = (torch.tensor([v for t in json.loads(x[1]) for v in t]) for x in (ranks[0], single))
+    assert len(ddp) == 161 and not torch.equal(ddp, make_model_start())
+    assert torch.allclose(ddp, alone, atol=1e-4, rtol=0), (ddp - alone).abs().max()
+    # Only rank 0 wrote: one checkpoint and one log.
+    run = tmp_path / "two"
+    assert find_checkpoint(run / "checkpoints" / "last").complete
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "log.csv", "tensorboard", "val_metrics.json",
+                                                     "val_metrics.jsonl"]
+
+
+def make_model_start() -> torch.Tensor:
+    return torch.tensor([v for _, t in sorted(task.make_model(dropout=0.0).state_dict().items())
+                         for v in t.flatten().tolist()])
 
 
 def test_channels_last_trains_the_same_weights(tmp_path):

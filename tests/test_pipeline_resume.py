@@ -16,8 +16,6 @@ from castseg.models import load_checkpoint
 
 from _kill import sigkill_after_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_stages import tiny_run  # noqa: E402,F401  (the fixture: 9-image split, tiny teacher, tiny.yaml)
 
 ENV = {**os.environ, "CASTSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1"}

@@ -8,41 +8,7 @@ import pytest
 import yaml
 
 from castseg import cli
-from castseg.commands.demo import embedded_default
 from castseg.data.coco_io import load_coco
-from castseg.data.split import make_split, write_split
-from castseg.models import StudentConfig, build_student, save_checkpoint
-
-TRAIN = {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "ckpt_every": 2, "log_every": 1, "device": "cpu"}
-
-
-@pytest.fixture
-def tiny_run(tmp_path):
-    coco = load_coco(embedded_default())
-    small = coco.to_dict()
-    keep = {img["id"] for img in coco.images[:9]}
-    small["images"] = [i for i in small["images"] if i["id"] in keep]
-    small["annotations"] = [a for a in small["annotations"] if a["image_id"] in keep]
-    small["images_root"] = str(coco.images_root)
-    (tmp_path / "nine.json").write_text(json.dumps(small))
-    sub = load_coco(tmp_path / "nine.json")
-    split = make_split(sub, seed=0, labeled_fraction=0.4, val_fraction=0.25)
-    files = write_split(sub, split, tmp_path / "splits", 0, 0.4, 0.25)
-    teacher = build_student(StudentConfig.from_preset("tiny", num_queries=20))
-    save_checkpoint(tmp_path / "teacher", teacher, teacher.config.to_dict(), ["nucleus"], step=0)
-    cfg = {
-        "data": {"labeled": str(files["labeled"]), "unlabeled": str(files["unlabeled"]), "val": str(files["val"]),
-                 "crop_size": [96, 96], "scale_range": [0.5, 1.0], "val_max_size": 128},
-        "model": {"preset": "tiny", "num_queries": 20, "dec_layers": 2},
-        "teacher": {"type": "checkpoint", "path": str(tmp_path / "teacher")},
-        "train": TRAIN,
-        "loss": {"num_points": 256, "max_anchors": 64, "num_negatives": 16},
-        "eval": {"max_dets": 100, "topk": 20, "max_size": 128},
-        "pseudo_labels": {"max_size": 128},
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp_path
-
 
 def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
     runs = tiny_run / "runs"
@@ -69,6 +35,35 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
     # efficiency holds latencies, measured again on every run; everything else must be identical
     assert set(again.pop("efficiency")) == set(metrics.pop("efficiency")) == {"teacher (adapted)", "student (refined)"}
     assert again == metrics
+
+
+def test_run_with_an_ensemble_of_two_teachers(tiny_run):
+    """`castseg run` with teacher: {type: ensemble}: both members adapt on their own loss, the
+    adapted ensemble is saved as one teacher (teacher.yaml + members) that pseudo-labels D_u."""
+    from castseg.models import StudentConfig, build_student, save_checkpoint
+
+    second = build_student(StudentConfig.from_preset("tiny", num_queries=20, dec_layers=1))
+    save_checkpoint(tiny_run / "teacher2", second, None, ["nucleus"], step=0)
+    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    cfg["teacher"] = {"type": "ensemble", "weights": [1.0, 0.5], "mask_nms_iou": 0.5, "members": [
+        {"type": "checkpoint", "path": str(tiny_run / "teacher")}, {"type": "checkpoint", "path": str(tiny_run / "teacher2")}]}
+    cfg["adapt"] = {"train": {"max_steps": 2}}
+    (tiny_run / "ens.yaml").write_text(yaml.safe_dump(cfg))
+    runs = tiny_run / "runs"
+    assert cli.main(["run", str(tiny_run / "ens.yaml"), "--runs", str(runs)]) == 0
+    run_dir = runs / "ens"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    saved = run_dir / "adapt" / "c" / "teacher"
+    assert metrics["teacher_adapted"]["checkpoint"] == str(saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["member0", "member1", "teacher.yaml"]
+    spec = yaml.safe_load((saved / "teacher.yaml").read_text())["teacher"]
+    assert spec["type"] == "ensemble" and spec["weights"] == [1.0, 0.5]
+    header = (run_dir / "adapt" / "a" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"labeled_member0_loss_ce", "labeled_member1_loss_ce"} <= set(header)  # each member trained
+    manifest = json.loads((run_dir / "pseudo_labels" / "teacher.json.manifest.json").read_text())
+    assert manifest["teacher"]["config"]["type"] == "ensemble"
+    for key in ("teacher_zero_shot", "teacher_adapted", "student_distilled", "student_refined", "student_supervised"):
+        assert metrics[key]["AP"] is not None, key
 
 
 def test_run_with_the_grounded_sam_teacher(tiny_run):
