@@ -332,7 +332,6 @@ def describe_error(error: ValidationError, where: str, schema: Any = None) -> st
     """The first error of ``error`` as one line: ``"<where>.<dotted key>: <problem>"``."""
     e = error.errors()[0]
     key = error_key(error, where)
-    loc = tuple(key.split(".")[1 if where else 0:]) if key else ()
     kind, value = e["type"], e.get("input")
     if kind == "extra_forbidden":
         valid = _valid_keys(schema, tuple(e["loc"][:-1]))

@@ -6,9 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from castseg import __version__
+from castseg.atomic import atomic_open
 from castseg.console import Progress
 from castseg.data.coco_io import read_json, validate_coco, write_json
 from castseg.data.dataset import UnlabeledImageDataset
@@ -170,24 +169,18 @@ def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool, restart_chang
 
 def _merge(out: Path, chunk_ids: list[list[int]], manifest: dict[str, Any]) -> dict[str, Any]:
     """Stream the parts, in chunk order, into ``out`` (never the whole set in memory)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("[")
-            for k, ids in enumerate(chunk_ids):
-                part_file = _part(out, k)
-                part = read_json(part_file)
-                if part.get("image_ids") != ids:
-                    raise InputError(part_file, f"does not hold the images of chunk {k}; rerun with --overwrite")
-                for rec in part["results"]:
-                    f.write(("," if n else "") + json.dumps(rec))
-                    n += 1
-            f.write("]")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "w") as f:
+        f.write("[")
+        for k, ids in enumerate(chunk_ids):
+            part_file = _part(out, k)
+            part = read_json(part_file)
+            if part.get("image_ids") != ids:
+                raise InputError(part_file, f"does not hold the images of chunk {k}; rerun with --overwrite")
+            for rec in part["results"]:
+                f.write(("," if n else "") + json.dumps(rec))
+                n += 1
+        f.write("]")
     manifest.update(finished=True, num_instances=n,
                     finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     write_json(manifest, manifest_path(out), indent=2)
