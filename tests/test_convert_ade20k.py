@@ -47,7 +47,7 @@ def test_ade20k_builtin_categories(tmp_path: Path, capsys):
     out = tmp_path / "ade_train.json"
     rc, stdout, err = run_cli(capsys, "convert", "ade20k", src, "--out", out)
     assert rc == 0, err
-    assert "2 images, 4 annotations, 100 categories" in stdout
+    assert "2 images, 4 annotations, 100 categories" in err
     assert tree_hashes(src) == before
     data = load(out)
     names = {c["id"]: c["name"] for c in data["categories"]}

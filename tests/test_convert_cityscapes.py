@@ -47,7 +47,7 @@ def test_cityscapes_converts(tmp_path: Path, capsys):
     out = tmp_path / "cs_train.json"
     rc, stdout, err = run_cli(capsys, "convert", "cityscapes", src, "--out", out)
     assert rc == 0, err
-    assert "2 images, 6 annotations, 8 categories" in stdout
+    assert "2 images, 6 annotations, 8 categories" in err
     assert tree_hashes(src) == before
     data = load(out)
     assert [(c["id"], c["name"]) for c in data["categories"]] == [

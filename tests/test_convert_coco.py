@@ -53,7 +53,7 @@ def test_coco_normalises(tmp_path: Path, capsys):
     out = tmp_path / "out" / "norm.json"
     rc, stdout, err = run_cli(capsys, "convert", "coco", src, "--out", out)
     assert rc == 0, err
-    assert "2 images, 3 annotations, 2 categories" in stdout
+    assert "2 images, 3 annotations, 2 categories" in err
     assert tree_hashes(tmp_path) == {**before, "out/norm.json": tree_hashes(tmp_path)["out/norm.json"]}
     data = load(out)
     assert data["images_root"] == ".."

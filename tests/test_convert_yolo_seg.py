@@ -38,7 +38,7 @@ def test_yolo_seg_converts(tmp_path: Path, capsys):
     out = tmp_path / "ann.json"
     rc, stdout, err = run_cli(capsys, "convert", "yolo-seg", src, "--out", out)
     assert rc == 0, err
-    assert "2 images, 3 annotations, 2 categories" in stdout
+    assert "2 images, 3 annotations, 2 categories" in err
     assert tree_hashes(src) == before
     data = load(out)
     assert [i["file_name"] for i in data["images"]] == ["images/train/a.png", "images/val/b.png"]

@@ -256,7 +256,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_ckpt):
                            "--chunk-size", "1", "--min-score", "0"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(2 processes)" in proc.stdout
+    assert "(2 processes)" in proc.stderr  # a message: logged on stderr
     assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
     counts = [read_manifest(tmp_path / f"{n}.json")["num_instances"] for n in ("one", "two")]
     assert counts[0] == counts[1]

@@ -53,7 +53,7 @@ def test_split_writes_labeled_unlabeled_and_resolvable_paths(tmp_path, capsys):
     ann = make_coco(tmp_path)
     out = tmp_path / "splits" / "p25"
     assert run_split(str(ann), "--labeled-fraction", "0.25", "--seed", "0", "--out-dir", str(out)) == 0
-    assert "labeled 5" in capsys.readouterr().out
+    assert "labeled 5" in capsys.readouterr().err  # a message (logging, stderr), not a result
     lab, unl = read(out / "labeled.json"), read(out / "unlabeled.json")
     assert len(lab["images"]) == 5 and len(unl["images"]) == 15
     assert "annotations" not in unl  # documented: no key at all, not an empty list

@@ -8,10 +8,13 @@ of the inputs (or something else the user cares about).
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from castseg.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_HELP = {
     "coco": "validate + normalise a COCO instances json (SRC = the json)",
@@ -114,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         data["images_root"] = images_root_entry(root, out_dir)
     write_json(data, out)
-    print(f"{fmt} {src} → {len(data['images'])} images, {len(data['annotations'])} annotations, "
-          f"{len(data['categories'])} categories → {out}")
+    logger.info(f"{fmt} {src} → {len(data['images'])} images, {len(data['annotations'])} annotations, "
+                f"{len(data['categories'])} categories → {out}")
     return 0

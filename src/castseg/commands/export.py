@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = export_onnx(args.checkpoint, args.out, args.height, args.width, dynamic_size=not args.fixed_size,
                     opset=args.opset, tolerance=args.tolerance)
-    print(f"exported {args.checkpoint} -> {r['path']} (opset {r['opset']}, "
-          f"{'dynamic' if r['dynamic_size'] else 'fixed'} size); parity: max |Δ| mask prob "
-          f"{r['max_abs_mask_prob']:.1e}, class prob {r['max_abs_class_prob']:.1e}, identical top-k {r['same_topk']}")
+    logger.info(f"exported {args.checkpoint} -> {r['path']} (opset {r['opset']}, "
+                f"{'dynamic' if r['dynamic_size'] else 'fixed'} size); parity: max |Δ| mask prob "
+                f"{r['max_abs_mask_prob']:.1e}, class prob {r['max_abs_class_prob']:.1e}, "
+                f"identical top-k {r['same_topk']}")
     return 0

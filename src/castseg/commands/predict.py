@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
-    from tqdm import tqdm
 
+    from castseg.console import Progress
     from castseg.data.images import read_image
     from castseg.errors import InputError
     from castseg.eval.results import instances_to_results, write_results
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "labels").mkdir(parents=True, exist_ok=True)
 
     records = []
-    bar = tqdm(total=len(items), desc="predict", unit="img", disable=None)
+    bar = Progress(len(items), "predict")
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
         raws = [read_image(p) for _, _, p in chunk]
@@ -119,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         bar.update(len(chunk))
     bar.close()
     write_results(records, out / "predictions.json")
-    print(f"predicted {len(records)} instances on {len(items)} images ({predictor.kind}: "
-          f"{args.onnx or args.checkpoint}) -> {out / 'predictions.json'}")
+    logger.info(f"predicted {len(records)} instances on {len(items)} images ({predictor.kind}: "
+                f"{args.onnx or args.checkpoint}) -> {out / 'predictions.json'}")
     return 0

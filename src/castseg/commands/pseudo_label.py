@@ -9,6 +9,9 @@ pseudo-label ...``. See :mod:`castseg.pseudo_labels`.
 from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, min_score=args.min_score, chunk_size=args.chunk_size, max_size=args.max_size,
         overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.workers)
     if rank == 0:
-        print(f"pseudo-labelled {manifest['num_images']} images: {manifest['num_instances']} instances with score "
-              f">= {manifest['min_score']} -> {args.out}" + (f" ({world} processes)" if world > 1 else ""))
+        logger.info(f"pseudo-labelled {manifest['num_images']} images: {manifest['num_instances']} instances with "
+                    f"score >= {manifest['min_score']} -> {args.out}" + (f" ({world} processes)" if world > 1 else ""))
     return 0

@@ -6,10 +6,12 @@ See :mod:`castseg.data.split` for how splits stay reproducible and nested.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from castseg.data.coco_io import load_coco
 from castseg.data.split import make_split, match_labeled_ids, read_id_list, stale_outputs, write_split
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,10 +54,9 @@ def run(args: argparse.Namespace) -> int:
     written = write_split(coco, split, args.out_dir, args.seed, args.labeled_fraction,
                           args.val_fraction, args.labeled_ids)
     n_pool = len(split.labeled) + len(split.unlabeled)
-    print(f"split {args.ann}: {len(coco.images)} images -> labeled {len(split.labeled)} "
-          f"({100.0 * len(split.labeled) / n_pool:.1f}% of {n_pool}), unlabeled {len(split.unlabeled)}, "
-          f"val {len(split.val)}; wrote {', '.join(str(p) for p in written.values())}")
+    logger.info(f"split {args.ann}: {len(coco.images)} images -> labeled {len(split.labeled)} "
+                f"({100.0 * len(split.labeled) / n_pool:.1f}% of {n_pool}), unlabeled {len(split.unlabeled)}, "
+                f"val {len(split.val)}; wrote {', '.join(str(p) for p in written.values())}")
     for path in stale_outputs(args.out_dir, split, coco):
-        print(f"castseg split: warning: {path} is from an earlier run; this split has no such part "
-              "(see split.json)", file=sys.stderr)
+        logger.warning(f"{path} is from an earlier run; this split has no such part (see split.json)")
     return 0

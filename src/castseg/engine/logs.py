@@ -18,44 +18,27 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
+import logging
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from castseg.atomic import atomic_open, atomic_write_text
+from castseg.console import format_eta, progress_enabled
 from castseg.data.coco_io import write_json
 
 CSV_NAME = "log.csv"
 VAL_JSONL = "val_metrics.jsonl"
 VAL_JSON = "val_metrics.json"
 TB_DIR = "tensorboard"
-
-
-def progress_enabled(stream: TextIO | None = None) -> bool:
-    """A live bar only on a terminal, and not when ``CASTSEG_NO_PROGRESS=1``. ``stream``
-    defaults to the *current* ``sys.stderr`` (it may have been replaced since import)."""
-    if os.environ.get("CASTSEG_NO_PROGRESS", "") not in ("", "0"):
-        return False
-    stream = sys.stderr if stream is None else stream
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
+logger = logging.getLogger(__name__)
+__all__ = ["TrainLogger", "format_eta", "progress_enabled"]  # the last two moved to castseg.console
 
 
 def _fmt(v: float) -> str:
     return f"{v:.3e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.4f}"
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _is_better(value: float, best: float, mode: str) -> bool:
@@ -167,8 +150,8 @@ class TrainLogger:
             eta = row["sec_per_step"] * (self.max_steps - step)
             terms = " ".join(f"{k} {_fmt(v)}" for k, v in row.items()
                              if k not in ("step", "lr", "sec_per_step", "time"))
-            print(f"[{self.name}] step {step}/{self.max_steps} {terms} lr {row['lr']:.2e} "
-                  f"{row['sec_per_step']:.2f}s/it eta {format_eta(eta)}", file=sys.stderr, flush=True)
+            logger.info(f"[{self.name}] step {step}/{self.max_steps} {terms} lr {row['lr']:.2e} "
+                        f"{row['sec_per_step']:.2f}s/it eta {format_eta(eta)}")
 
     def _append_csv(self, row: dict[str, Any]) -> None:
         path = self.run_dir / CSV_NAME
@@ -231,12 +214,8 @@ class TrainLogger:
                     "best": self.best()}, self.run_dir / VAL_JSON, indent=1)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        if self.enabled:
+            logger.info(text)  # castseg.console writes it above a live bar
 
     def flush(self) -> None:
         if self.tb is not None:

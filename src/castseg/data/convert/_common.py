@@ -13,7 +13,6 @@ Conventions (so outputs are deterministic and comparable across formats):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from faster_coco_eval.core import mask as _mask
 from PIL import Image, UnidentifiedImageError
 
 from castseg import __version__
+from castseg.console import Progress, track
 from castseg.data import masks as M
 from castseg.data.images import image_size, read_image
 from castseg.errors import InputError
@@ -60,11 +60,9 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def progress(items: Sequence[T], desc: str) -> Iterator[T]:
-    """Iterate with a progress bar on an interactive stderr; silently otherwise (logs, CI)."""
-    from tqdm import tqdm
-
-    yield from tqdm(items, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
-                    dynamic_ncols=True)
+    """Iterate with a progress bar on an interactive stderr; elsewhere (logs, CI) a plain line
+    now and then on a long run (:class:`castseg.console.Progress`)."""
+    yield from track(items, desc)
 
 
 def image_record(path: Path, root: Path, image_id: int, verify: bool = True) -> dict[str, Any]:
@@ -208,10 +206,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], desc: str, workers: i
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    bar = Progress(len(items), desc)
     pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque = deque()
     it = iter(items)
