@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,7 +85,19 @@ def test_demo_quick_runs_all_stages_and_prints_the_table(quick_demo, capsys):
     metrics = json.loads((quick_demo / "metrics.json").read_text())
     for key in ("teacher_zero_shot", "teacher_adapted", "student_supervised", "student_distilled",
                 "student_refined", "classical_baseline"):
-        assert 0.0 <= metrics[key]["AP"] <= metrics[key]["AP50"] <= 1.0, key
+        assert 0.0 < metrics[key]["AP"] < metrics[key]["AP50"] < 1.0, key
+    # The stand-ins are trained models: every row scores, at values measured on the 4 quick val
+    # images (evaluation only: tight; after 2-4 CPU steps: looser)
+    measured = {"teacher_zero_shot": (0.1199, 0.2985, 0.002), "classical_baseline": (0.0469, 0.1136, 0.002),
+                "teacher_adapted": (0.1097, 0.3200, 0.01), "student_supervised": (0.0528, 0.1324, 0.01),
+                "student_distilled": (0.0499, 0.1275, 0.01), "student_refined": (0.0494, 0.1552, 0.01)}
+    for key, (ap, ap50, tol) in measured.items():
+        assert metrics[key]["AP"] == pytest.approx(ap, abs=tol), key
+        assert metrics[key]["AP50"] == pytest.approx(ap50, abs=2 * tol), key
+    # the premise the demo shows: the adapted teacher beats every student trained this briefly (2.08x)
+    students = ("student_supervised", "student_distilled", "student_refined")
+    assert all(metrics["teacher_adapted"]["AP"] > 1.5 * metrics[k]["AP"] for k in students)
+    assert metrics["premise_ratio"] == pytest.approx(2.08, abs=0.4)
     eff = metrics["efficiency"]
     assert eff["teacher (adapted)"]["params"] > 3 * eff["student (refined)"]["params"]  # the CPU presets: 3.3x
     assert (quick_demo / "report.html").is_file()
@@ -175,8 +188,41 @@ def test_demo_student_predicts_on_other_nuclei_images(quick_demo, tmp_path):
     out = tmp_path / "preds"
     assert cli.main(["predict", "--checkpoint", ckpt, "--images", str(folder), "--out", str(out)]) == 0
     preds = json.loads((out / "predictions.json").read_text())
-    assert isinstance(preds, list)
+    # image ids 1, 2 in file order; masks at each image's size; the masks lie on the nuclei
+    # (measured: 93-96 % of the predicted pixels on DSB grey images, 54-87 % on the embedded ones,
+    # whose nuclei cover 7-36 % of the image; 78-97 % of the nuclei pixels found)
+    from castseg.data import masks as M
+
+    assert {r["image_id"] for r in preds} == {1, 2}
+    for image_id, f in enumerate(sorted(folder.iterdir()), 1):
+        recs = [r for r in preds if r["image_id"] == image_id]
+        truth = _nuclei_pixels(f)
+        assert len(recs) >= 10 and all(r["segmentation"]["size"] == list(truth.shape) for r in recs), f.name
+        assert all(0.3 <= r["score"] <= 1.0 for r in recs)  # predict's default --score-threshold 0.3
+        pred = np.zeros_like(truth)
+        for r in recs:
+            pred |= M.decode(r["segmentation"]).astype(bool)
+        precision, recall = (pred & truth).sum() / pred.sum(), (pred & truth).sum() / truth.sum()
+        assert precision > 2 * truth.mean() and recall > 0.6, (f.name, precision, recall, truth.mean())
     assert len(list((out / "overlays").glob("*.png"))) == 2  # one overlay per image
+
+
+def _nuclei_pixels(image: Path) -> np.ndarray:
+    """The union of an image's ground-truth nuclei: its DSB masks/ folder, or the embedded default's
+    annotations."""
+    from PIL import Image
+
+    from castseg.data import masks as M
+
+    masks = SHARED_DSB / image.stem / "masks"
+    if masks.is_dir():
+        return np.any([np.asarray(Image.open(m)) > 0 for m in sorted(masks.glob("*.png"))], axis=0)
+    coco = load_coco(embedded_default())
+    im = next(i for i in coco.images if Path(i["file_name"]).name == image.name)
+    out = np.zeros((im["height"], im["width"]), bool)
+    for a in coco.anns_by_image[im["id"]]:
+        out |= M.decode(M.segmentation_to_rle(a["segmentation"], im["height"], im["width"])).astype(bool)
+    return out
 
 
 def test_demo_pretrained_fails_fast_offline(tmp_path, capsys, monkeypatch):
