@@ -15,9 +15,9 @@ all checkpointed, and validation runs with the RNG state put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +41,7 @@ from castseg.engine.optim import Precision, build_optimizer, build_scheduler
 from castseg.errors import CastsegError
 from castseg.stale import move_aside
 
+log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict[str, Any], int], Mapping[str, Any]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
 
@@ -181,8 +182,8 @@ class Trainer:
                 load_model_weights(ckpt.path, self.model)
                 self.step = ckpt.step
                 if info.is_main:
-                    print(f"[{self.name}] finished earlier with the same settings, reused (step {ckpt.step}, "
-                          f"{ckpt.path})", file=sys.stderr, flush=True)
+                    log.info(f"[{self.name}] finished earlier with the same settings, reused (step {ckpt.step}, "
+                             f"{ckpt.path})")
                 # The checkpoint as it is now: the run directory may have moved since it finished.
                 return {**(ckpt.state.get("result") or {}), "checkpoint": str(self.last_dir)}
             self._restore(ckpt)
@@ -334,8 +335,8 @@ class Trainer:
                                f"resume='auto' (--restart-changed)")
         if info.is_main:
             aside = move_aside(self.run_dir)
-            print(f"[{self.name}] settings changed since the earlier run ({', '.join(changes)}), starting over "
-                  f"(the earlier run is kept in {aside})", file=sys.stderr, flush=True)
+            log.info(f"[{self.name}] settings changed since the earlier run ({', '.join(changes)}), starting over "
+                     f"(the earlier run is kept in {aside})")
         barrier(info)
         return None
 
