@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from castseg import __version__, console
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"castseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `castseg info ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     finally:
         _leave_process_group()
         logging.getLogger(console.ROOT).setLevel(level)  # in-process callers (tests) keep their level
