@@ -184,7 +184,8 @@ def run_adapt(cfg: RunConfig, run_dir: Path, resume: bool | str = True) -> tuple
     on D_l + pseudo-labelled D_u. Returns the checkpoint of θ_T'' and the stage's metrics rows."""
     metrics: Metrics = {}
     teacher, names = initial_teacher(cfg)
-    metrics["teacher_zero_shot"] = evaluate_teacher(teacher, cfg, "teacher config")
+    label = getattr(cfg.teacher, "path", None) or "teacher config"  # an ensemble has no one path
+    metrics["teacher_zero_shot"] = evaluate_teacher(teacher, cfg, label)
     a = train_stage("adapt/a", teacher.trainable(), cfg, run_dir, names, 0.0, cfg.loss.lambda_pxl, resume=resume)
     metrics["teacher_adapted_a"] = _row(a)
     pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json", resume)
