@@ -13,7 +13,9 @@ from castseg.commands.demo import results_table
 from castseg.data import masks as M
 from castseg.errors import InputError
 from castseg.report import write_report
-from castseg.run_checks import load_unlabeled_gt, premise_ratio, premise_text, pseudo_label_ap, record_pseudo_labels
+from castseg.config import RunConfig
+from castseg.run_checks import (load_unlabeled_gt, merge_rows, premise_ratio, premise_text, pseudo_label_ap,
+                                 pseudo_label_rows)
 
 H, W = 16, 20
 # two images, two non-overlapping "nuclei" each
@@ -52,9 +54,9 @@ def results(path: Path, wrong: int = 0, wrong_score: float = 0.2) -> Path:
     return path
 
 
-def cfg_for(unlabeled: Path, gt: Path | None) -> dict:
-    return {"data": {"labeled": "unused.json", "unlabeled": str(unlabeled), "unlabeled_gt": str(gt) if gt else None},
-            "eval": {"max_dets": 100}}
+def cfg_for(unlabeled: Path, gt: Path | None) -> RunConfig:
+    return RunConfig.model_validate({"data": {"labeled": "unused.json", "unlabeled": str(unlabeled),
+                                              "unlabeled_gt": str(gt) if gt else None}, "eval": {"max_dets": 100}})
 
 
 def test_premise_ratio_is_adapted_teacher_over_supervised_student():
@@ -81,13 +83,16 @@ def test_pseudo_label_ap_against_the_unlabeled_ground_truth(tmp_path):
     # the same wrong ones scored above the right ones: precision 1/2 at recall 1/2
     ranked_first = pseudo_label_ap(gt, results(tmp_path / "first.json", wrong=2, wrong_score=0.95), 100)
     assert ranked_first["AP"] == pytest.approx(0.5 * 51 / 101, abs=1e-9)
-    metrics: dict = {}
-    record_pseudo_labels(cfg_for(unlabeled, gt_path), metrics, "adapt_a", tmp_path / "half.json")
-    assert metrics["pseudo_labels"] == {"ground_truth": str(gt_path), "num_images": 2,
-                                        "adapt_a": {**half, "file": str(tmp_path / "half.json")}}
-    none: dict = {}
-    record_pseudo_labels(cfg_for(unlabeled, None), none, "adapt_a", tmp_path / "half.json")
-    assert none == {}  # no ground truth: nothing recorded, nothing invented
+    rows = pseudo_label_rows(cfg_for(unlabeled, gt_path), "adapt_a", tmp_path / "half.json")
+    assert rows == {"pseudo_labels": {"ground_truth": str(gt_path), "num_images": 2,
+                                      "adapt_a": {**half, "file": str(tmp_path / "half.json")}}}
+    # the rows of the second cache join the first's
+    later = pseudo_label_rows(cfg_for(unlabeled, gt_path), "teacher", tmp_path / "same.json")
+    merged = merge_rows(merge_rows({"teacher_adapted": {"AP": 0.1}}, rows), later)
+    assert merged["pseudo_labels"]["adapt_a"]["AP"] == half["AP"] and merged["pseudo_labels"]["teacher"]["AP"] == 1.0
+    assert merged["teacher_adapted"] == {"AP": 0.1}
+    # no ground truth: nothing recorded, nothing invented
+    assert pseudo_label_rows(cfg_for(unlabeled, None), "adapt_a", tmp_path / "half.json") == {}
 
 
 def test_unlabeled_gt_errors_name_both_files(tmp_path):

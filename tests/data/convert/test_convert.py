@@ -1,6 +1,6 @@
 """``castseg convert``: CLI behaviour, the mask-folders format, and the DSB2018 conversion.
 
-Other formats: tests/test_convert_{coco,yolo_seg,cityscapes,ade20k}.py.
+Other formats: tests/data/convert/test_{coco,yolo_seg,cityscapes,ade20k}.py.
 """
 
 from __future__ import annotations

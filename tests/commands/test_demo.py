@@ -13,7 +13,7 @@ from castseg.commands.demo import embedded_default, results_table, standins
 from castseg.data.coco_io import load_coco
 from castseg.models import load_checkpoint
 
-SHARED_DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
+SHARED_DSB = Path(__file__).resolve().parents[3] / "shared" / "data" / "dsb2018-stage1-train" / "stage1_train"
 
 
 def test_embedded_default_is_valid_and_complete():

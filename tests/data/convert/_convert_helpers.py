@@ -1,4 +1,4 @@
-"""Helpers for the ``castseg convert`` tests (tests/test_convert*.py)."""
+"""Helpers for the ``castseg convert`` tests (tests/data/convert/)."""
 
 from __future__ import annotations
 
