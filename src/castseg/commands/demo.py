@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     val_n = len(load_coco(cfg.data.val).images)
     print(f"\nmask AP on {val_n} val images (up to {cfg.eval.max_dets} detections per image), "
-          f"latency = one forward on one val image, {cfg.train.device}:\n")
+          f"latency = one prediction (forward + post-processing) on one val image, {cfg.train.device}:\n")
     print(results_table(metrics))
     ckpt = (metrics.get("student_refined") or {}).get("checkpoint")
     logger.info(f"report:  {out / 'report.html'}")
