@@ -33,16 +33,6 @@ TASK = Path(__file__).parent / "_engine_task.py"
 ENV = {**os.environ, "CASTSEG_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # Subprocess runs use one thread; same here, so in-process and subprocess float sums agree.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("CASTSEG_NO_PROGRESS", "1")
-    yield
-    torch.set_num_threads(n)
-
-
 def csv_rows(run_dir: Path) -> list[list[str]]:
     lines = (run_dir / "log.csv").read_text().splitlines()
     return [ln.split(",")[:-2] for ln in lines]  # without the timing columns

@@ -26,15 +26,6 @@ from castseg.engine.loop import describe_changes
 DIM = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("CASTSEG_NO_PROGRESS", "1")
-    yield
-    torch.set_num_threads(n)
-
-
 class Regression(Dataset):
     """``n`` fixed inputs and the targets of a fixed linear map; item i is ``(x_i, y_i)``."""
 
