@@ -144,7 +144,7 @@ def load_predictor(path: str | Path, onnx: bool = False, device: str = "cpu", to
     if path.is_dir() and ((path / "teacher.json").is_file() or (path / "teacher.yaml").is_file()):
         from castseg.pseudo_labels.teacher_spec import load_teacher
 
-        teacher, _ = load_teacher(path, device=device)
+        teacher, _ = load_teacher(path, device=device, fingerprint=False)
         return TeacherPredictor(teacher, teacher.resolve_class_names(None), score_threshold, device)
     from castseg.models.checkpoint import load_checkpoint
 

@@ -175,7 +175,7 @@ def evaluate_teacher(teacher: Any, cfg: RunConfig, label: str) -> dict[str, Any]
 
 def evaluate_checkpoint(path: str | Path, cfg: RunConfig) -> dict[str, Any]:
     """Val AP / AP50 of a saved model or teacher (anything ``load_teacher`` reads)."""
-    teacher, _ = load_teacher(path)
+    teacher, _ = load_teacher(path, fingerprint=False)
     return evaluate_teacher(teacher, cfg, str(path))
 
 

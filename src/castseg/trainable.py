@@ -100,7 +100,7 @@ class TeacherTrainable:
             total: Any = 0.0
             for key, batch in batches.items():
                 targets = [{"labels": t["labels"], "masks": t["masks"]} for t in batch["targets"]]
-                out = m.loss(batch["images"], targets, class_names)
+                out = m(batch["images"], targets, class_names)  # Teacher.forward is its loss; DDP hooks it
                 total = total + (lambda_semi if key == "unlabeled" else 1.0) * out["loss"]
                 terms.update({f"{key}_{k}": v.detach() for k, v in out.items() if k != "loss"})
             return {"loss": total, **terms}

@@ -39,14 +39,16 @@ def _walk_config(cfg: Any, base: Path, source: Path, found: list[Path]) -> tuple
     return resolved, stripped
 
 
-def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+def load_teacher(spec: str | Path, device: str = "cpu", fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
     """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
     ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
     ``.json``: a :func:`~castseg.models.teacher_factory.build_teacher` mapping, optionally under a
     ``teacher:`` key; relative ``path`` values are relative to the config's folder).
 
     Returns ``(teacher, info)`` with ``info = {"spec", "config", "weights": {file: sha256},
-    "sha256"}``; ``sha256`` fingerprints the weights and the path-free config together.
+    "sha256"}``; ``sha256`` fingerprints the weights and the path-free config together. With
+    ``fingerprint=False`` (a teacher only to predict with) the weight files are not read twice
+    for hashing, and ``weights`` / ``sha256`` are empty / None.
     """
     import yaml
 
@@ -84,7 +86,7 @@ def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, 
         config = {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]}
         # load_checkpoint verifies this hash against the file, so it need not be recomputed.
         weights[wfile.name] = meta["weights"]["sha256"]
-    for ref in found:
+    for ref in found if fingerprint else []:
         files = [ref] if ref.is_file() else sorted(p for p in ref.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
         for f in files:
             weights[f.relative_to(ref.parent).as_posix()] = sha256_file(f)
@@ -97,6 +99,8 @@ def load_teacher(spec: str | Path, device: str = "cpu") -> tuple[Any, dict[str, 
     except CastsegError as e:
         raise InputError(path, str(e)) from None
     teacher = teacher.to(device).eval().requires_grad_(False)
+    if not fingerprint:
+        return teacher, {"spec": str(path), "config": config, "weights": {}, "sha256": None}
     blob = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
     info = {"spec": str(path), "config": config, "weights": weights,
             "sha256": hashlib.sha256(blob.encode()).hexdigest()}
