@@ -88,3 +88,24 @@ def test_fingerprint_depends_on_the_views():
     _, hv = with_tta(BrightObjects(), info, ["h", "v"])
     assert len({info["sha256"], h["sha256"], hv["sha256"]}) == 3
     assert hv["config"] == {"type": "tta", "flips": ["h", "v"], "member": {"type": "checkpoint"}}
+
+
+def test_an_adapted_tta_teacher_saves_and_loads_as_one_teacher(tmp_path):
+    """`castseg run` with teacher: {type: tta} saves the adapted teacher: the member in member/ and a
+    teacher.yaml that load_teacher (pseudo-labels, predict) reads back to the same predictions."""
+    from castseg.models import StudentConfig, build_student, save_checkpoint
+    from castseg.pseudo_labels import load_teacher
+
+    model = build_student(StudentConfig.from_preset("tiny", dec_layers=1, num_queries=5))
+    save_checkpoint(tmp_path / "m", model, None, ["nucleus"], step=0)
+    t = build_teacher({"type": "tta", "member": {"type": "checkpoint", "path": str(tmp_path / "m")}, "flips": ["v"]})
+    t.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["member", "teacher.yaml"]
+    back, _ = load_teacher(tmp_path / "saved")
+    assert isinstance(back, TTATeacher) and back.flips == ["v"]
+    x = torch.rand(1, 3, 32, 32)
+    a, b = t.eval().predict(x)[0], back.predict(x)[0]
+    assert torch.equal(a["masks"], b["masks"]) and torch.allclose(a["scores"], b["scores"])
+    # a composite member cannot be saved inside another one: one clear error, not a wrong spec
+    with pytest.raises(CastsegError, match="nested"):
+        TTATeacher(t, flips=["h"]).save_pretrained(tmp_path / "nested")

@@ -84,7 +84,7 @@ class Teacher(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the teacher to the folder ``path`` so that ``load_teacher(path)`` rebuilds it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be saved; adapt it through a saveable teacher")
+        raise CastsegError(f"{type(self).__name__} cannot be saved; adapt it through a saveable teacher")
 
 
 # ---------------------------------------------------------------- boxes, masks, NMS (pure torch)
@@ -281,20 +281,10 @@ class EnsembleTeacher(Teacher):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Each member in ``member<k>/`` and ``teacher.yaml`` (an ensemble config over them)."""
-        import yaml
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        members = []
-        for k, t in enumerate(self.teachers):
-            folder = t.save_pretrained(path / f"member{k}")
-            members.append({"type": "checkpoint" if (Path(folder) / "model.json").is_file() else "grounded_sam",
-                            "path": f"member{k}"})
-        spec = {"type": "ensemble", "members": members, "weights": self.weights, "mask_nms_iou": self.mask_nms_iou,
-                "class_agnostic": self.class_agnostic, "max_detections": self.max_detections,
-                "class_names": self.class_names}
-        (path / "teacher.yaml").write_text(yaml.safe_dump({"teacher": spec}, sort_keys=False))
-        return path
+        members = [save_member(t, Path(path) / f"member{k}") for k, t in enumerate(self.teachers)]
+        return write_teacher_yaml(path, {"type": "ensemble", "members": members, "weights": self.weights,
+                                         "mask_nms_iou": self.mask_nms_iou, "class_agnostic": self.class_agnostic,
+                                         "max_detections": self.max_detections, "class_names": self.class_names})
 
     def loss(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
              class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -307,3 +297,25 @@ class EnsembleTeacher(Teacher):
             total = w * terms["loss"] if total is None else total + w * terms["loss"]
         out["loss"] = total
         return out
+
+
+# ---------------------------------------------------------------- saving composite teachers
+
+def save_member(teacher: Teacher, folder: Path) -> dict[str, Any]:
+    """Save a member of a composite teacher to ``folder``; its spec entry, ``path`` relative to
+    the composite's folder (what ``load_teacher`` resolves a ``teacher.yaml``'s paths against)."""
+    saved = Path(teacher.save_pretrained(folder))
+    if (saved / "teacher.yaml").is_file():
+        raise CastsegError(f"{type(teacher).__name__} inside a composite teacher cannot be saved (nested "
+                           f"ensemble / tta); save its members one level up")
+    return {"type": "checkpoint" if (saved / "model.json").is_file() else "grounded_sam", "path": saved.name}
+
+
+def write_teacher_yaml(path: str | Path, spec: dict[str, Any]) -> Path:
+    """``path/teacher.yaml`` holding ``spec`` (the folder ``load_teacher`` then reads); returns ``path``."""
+    import yaml
+
+    from castseg.atomic import atomic_write_text
+
+    atomic_write_text(Path(path) / "teacher.yaml", yaml.safe_dump({"teacher": spec}, sort_keys=False))
+    return Path(path)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from castseg.errors import CastsegError
-from castseg.models.teacher import Instances, Teacher, mask_iou, nms_from_iou
+from castseg.models.teacher import Instances, Teacher, mask_iou, nms_from_iou, save_member, write_teacher_yaml
 
 FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
 
@@ -79,6 +80,12 @@ class TTATeacher(Teacher):
     def loss(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
              class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.member.loss(images, targets, class_names)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The member in ``member/`` and ``teacher.yaml`` (a tta config over it)."""
+        return write_teacher_yaml(path, {"type": "tta", "member": save_member(self.member, Path(path) / "member"),
+                                         "flips": self.flips, "mask_nms_iou": self.mask_nms_iou,
+                                         "max_detections": self.max_detections, "class_names": self.class_names})
 
 
 def with_tta(teacher: Teacher, info: dict[str, Any], flips: Sequence[str]) -> tuple[TTATeacher, dict[str, Any]]:
