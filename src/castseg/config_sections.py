@@ -21,17 +21,6 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None = None, source: Any = None, where: str = ""):
-        """``d`` checked (unknown keys and wrong types raise :class:`~castseg.errors.InputError`
-        naming ``source`` and the dotted key under ``where``)."""
-        from castseg.errors import InputError
-
-        try:
-            return cls.model_validate(d or {})
-        except ValidationError as e:
-            raise InputError(str(source or "config"), describe_error(e, where or cls.__name__, cls)) from None
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -150,14 +150,6 @@ class StudentConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
-def json_ready(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_ready(v) for v in x]
-    return x
-
-
 class StudentModel(nn.Module):
     """Encoder -> neck -> masked-attention decoder, plus the pixel-embedding projection MLP.
 
