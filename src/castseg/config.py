@@ -199,7 +199,7 @@ def _check_override(data: dict[str, Any], item: str) -> None:
     try:
         RunConfig.model_validate(data)
     except ValidationError as e:
-        key, bad = item.partition("=")[0].strip(), error_key(e)
+        key, bad = item.partition("=")[0].strip(), error_key(e, "", RunConfig)
         if bad == key or bad.startswith(key + ".") or key.startswith(bad + ".") or not bad:
             raise InputError(f"override {item!r}", describe_error(e, "", RunConfig)) from None
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_serializer,
+                      field_validator, model_validator)
 
 
 class Section(BaseModel):
@@ -280,7 +280,6 @@ TTATeacherSpec.model_rebuild()
 # --- error messages ---------------------------------------------------------------------------
 
 
-_TEACHER_TAGS = ("checkpoint", "grounded_sam", "ensemble", "tta")
 _EXPECTED = {"float": "float", "int": "int", "bool": "bool", "string": "str", "list": "list", "tuple": "list",
              "dict": "mapping", "model": "mapping", "dataclass": "mapping"}
 
@@ -294,36 +293,36 @@ def _members(tp: Any) -> list[Any]:
     return [m for a in typing.get_args(tp) for m in _members(a)]
 
 
-def _valid_keys(schema: Any, loc: tuple) -> list[str] | None:
-    """Field names of the model reached by following the raw error location ``loc``."""
-    options = _members(schema) if schema is not None else []
+def _walk(schema: Any, loc: tuple) -> tuple[list[str], Any]:
+    """Follow a raw error location through ``schema``: the dotted key's parts (without the tags
+    a discriminated union puts into the location: teacher.checkpoint.path -> teacher.path) and
+    the model class reached (None when not exactly one)."""
+    options, parts = _members(schema), []
     for part in loc:
-        if isinstance(part, int):
-            continue
         tagged = [m for m in options if "type" in m.model_fields and m.model_fields["type"].default == part]
-        if tagged:  # a discriminated union's tag: pick that member
+        if len(options) > 1 and tagged:  # the union's tag: pick that member
             options = tagged
             continue
-        options = [t for m in options if part in m.model_fields for t in _members(m.model_fields[part].annotation)]
-    return sorted(options[0].model_fields) if len(options) == 1 else None
+        parts.append(str(part))
+        if not isinstance(part, int):
+            options = [t for m in options if part in m.model_fields for t in _members(m.model_fields[part].annotation)]
+    return parts, (options[0] if len(options) == 1 else None)
 
 
-def error_key(error: ValidationError, where: str = "") -> str:
-    """The dotted key of ``error``'s first problem (``where`` prefixed)."""
-    loc = error.errors()[0]["loc"]
-    # a discriminated union puts the tag into the location: teacher.checkpoint.path -> teacher.path
-    parts = [str(p) for i, p in enumerate(loc) if not (p in _TEACHER_TAGS and (
-        i == 0 or isinstance(loc[i - 1], int) or loc[i - 1] in ("teacher", "member")))]
+def error_key(error: ValidationError, where: str = "", schema: Any = None) -> str:
+    """The dotted key of ``error``'s first problem (``where`` prefixed) in ``schema``."""
+    parts = _walk(schema, tuple(error.errors()[0]["loc"]))[0]
     return ".".join([where, *parts] if where else parts)
 
 
 def describe_error(error: ValidationError, where: str, schema: Any = None) -> str:
     """The first error of ``error`` as one line: ``"<where>.<dotted key>: <problem>"``."""
     e = error.errors()[0]
-    key = error_key(error, where)
+    key = error_key(error, where, schema)
     kind, value = e["type"], e.get("input")
     if kind == "extra_forbidden":
-        valid = _valid_keys(schema, tuple(e["loc"][:-1]))
+        model = _walk(schema, tuple(e["loc"][:-1]))[1]
+        valid = sorted(model.model_fields) if model is not None else None
         parent = key.rsplit(".", 1)[0]
         return f"unknown key {key}" + (f"; valid keys of {parent}: {', '.join(valid)}" if valid else "")
     if kind == "literal_error":
