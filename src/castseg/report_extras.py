@@ -32,7 +32,7 @@ def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, 
     images = [read_image(val.image_path(img)) for img in val.images[:num_images]]
     views = [resize_for_model(img, cfg.val_max_size)[None] for img in images]
     efficiency: dict[str, dict[str, Any]] = {}
-    panels: dict[str, list[tuple[str, bytes]]] = {}
+    panels: dict[int, list[tuple[str, bytes]]] = {}  # per val image: teacher's, then student's
     for key, label in MODELS:
         ckpt = (metrics.get(key) or {}).get("checkpoint")
         if not ckpt:
@@ -42,5 +42,5 @@ def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, 
                              "latency_ms": bench_predictor_forward(pred, views[0], repeats)["median_ms"]}
         for i, (img, x) in enumerate(zip(images, views)):
             masks = resize_masks(pred(x)[0]["masks"], img.shape[:2])
-            panels.setdefault(f"{i}", []).append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
+            panels.setdefault(i, []).append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
     return efficiency, [p for i in sorted(panels) for p in panels[i]]

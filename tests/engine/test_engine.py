@@ -23,7 +23,7 @@ from castseg.engine import BatchStream, Trainer, TrainingDiverged, lr_factor
 from castseg.engine.checkpointing import STATE_JSON, STATE_TENSORS, find_checkpoint
 
 from _kill import sigkill_after_checkpoint
-from castseg.engine.logs import progress_enabled
+from castseg.console import progress_enabled
 from castseg.errors import CastsegError
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w or h)
+from castseg.commands.info import parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--checkpoint", required=True, help="student checkpoint")
     p.add_argument("--onnx", default=None, help="the student exported by `castseg export`")
     p.add_argument("--teacher", default=None, help="teacher folder (teacher.json) or checkpoint to compare")
-    p.add_argument("--size", type=_size, default=(512, 512), help="HxW input (default 512x512)")
+    p.add_argument("--size", type=parse_size, default=(512, 512), help="HxW input (default 512x512)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu")

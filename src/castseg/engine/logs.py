@@ -34,7 +34,6 @@ VAL_JSONL = "val_metrics.jsonl"
 VAL_JSON = "val_metrics.json"
 TB_DIR = "tensorboard"
 logger = logging.getLogger(__name__)
-__all__ = ["TrainLogger", "format_eta", "progress_enabled"]  # the last two moved to castseg.console
 
 
 def _fmt(v: float) -> str:
