@@ -181,7 +181,8 @@ def _mean_sd(vals: list[float]) -> str:
 def _extra_rows(runs: list[dict]) -> list[str]:
     """The pseudo-labels' AP on the unlabeled images and the premise ratio (CAST needs > 1)."""
     lines = []
-    for key, label in (("adapt_a", "pseudo-labels of θ_T' (stage 1b)"), ("teacher", "pseudo-labels of θ_T'' (distill)")):
+    for key, label in (("adapt_a", "pseudo-labels of θ_T' (stage 1b)"),
+                       ("teacher", "pseudo-labels of θ_T'' (distill)")):
         got = [(m.get("pseudo_labels") or {}).get(key) for m in runs]
         if got and all(got):
             lines.append(f"| {label}, vs the unlabeled images' own labels | {_mean_sd([g['AP'] for g in got])} | "

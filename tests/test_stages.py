@@ -52,6 +52,18 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
     assert again == metrics
 
 
+def run_with_teacher(tiny_run, name: str, teacher: dict) -> tuple:
+    """`castseg run` on tiny.yaml with another teacher section (and 2 adaptation steps):
+    ``(run_dir, metrics)``."""
+    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    cfg["teacher"] = teacher
+    cfg["adapt"] = {"train": {"max_steps": 2}}
+    (tiny_run / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    runs = tiny_run / "runs"
+    assert cli.main(["run", str(tiny_run / f"{name}.yaml"), "--runs", str(runs)]) == 0
+    return runs / name, json.loads((runs / name / "metrics.json").read_text())
+
+
 def test_run_with_an_ensemble_of_two_teachers(tiny_run):
     """`castseg run` with teacher: {type: ensemble}: both members adapt on their own loss, the
     adapted ensemble is saved as one teacher (teacher.yaml + members) that pseudo-labels D_u."""
@@ -59,15 +71,9 @@ def test_run_with_an_ensemble_of_two_teachers(tiny_run):
 
     second = build_student(StudentConfig.from_preset("tiny", num_queries=20, dec_layers=1))
     save_checkpoint(tiny_run / "teacher2", second, None, ["nucleus"], step=0)
-    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
-    cfg["teacher"] = {"type": "ensemble", "weights": [1.0, 0.5], "mask_nms_iou": 0.5, "members": [
-        {"type": "checkpoint", "path": str(tiny_run / "teacher")}, {"type": "checkpoint", "path": str(tiny_run / "teacher2")}]}
-    cfg["adapt"] = {"train": {"max_steps": 2}}
-    (tiny_run / "ens.yaml").write_text(yaml.safe_dump(cfg))
-    runs = tiny_run / "runs"
-    assert cli.main(["run", str(tiny_run / "ens.yaml"), "--runs", str(runs)]) == 0
-    run_dir = runs / "ens"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    members = [{"type": "checkpoint", "path": str(tiny_run / t)} for t in ("teacher", "teacher2")]
+    run_dir, metrics = run_with_teacher(tiny_run, "ens", {"type": "ensemble", "weights": [1.0, 0.5],
+                                                          "mask_nms_iou": 0.5, "members": members})
     saved = run_dir / "adapt" / "c" / "teacher"
     assert metrics["teacher_adapted"]["checkpoint"] == str(saved)
     assert sorted(p.name for p in saved.iterdir()) == ["member0", "member1", "teacher.yaml"]
@@ -89,14 +95,7 @@ def test_run_with_the_grounded_sam_teacher(tiny_run):
 
     folder = save_tiny_grounded_sam(tiny_run / "gsam", ["nucleus"], box_threshold=0.0, text_threshold=0.0,
                                     max_detections=10)
-    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
-    cfg["teacher"] = {"type": "grounded_sam", "path": str(folder)}
-    cfg["adapt"] = {"train": {"max_steps": 2}}
-    (tiny_run / "gsam.yaml").write_text(yaml.safe_dump(cfg))
-    runs = tiny_run / "runs"
-    assert cli.main(["run", str(tiny_run / "gsam.yaml"), "--runs", str(runs)]) == 0
-    run_dir = runs / "gsam"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = run_with_teacher(tiny_run, "gsam", {"type": "grounded_sam", "path": str(folder)})
     for key in ("teacher_zero_shot", "teacher_adapted", "student_supervised", "student_distilled", "student_refined"):
         assert metrics[key]["AP"] == metrics[key]["AP50"] == 0.0, key  # random weights, 2-3 steps
     assert metrics["teacher_adapted"]["checkpoint"] == str(run_dir / "adapt" / "c" / "teacher")

@@ -156,11 +156,12 @@ def _eval_mode(model: Any, device: str | torch.device | None):
         model.train(was_training)
 
 
-def evaluate_model(model: nn.Module | InstancesFn, val_json: str | Path, max_dets: int = 100, iou_type: str = "segm",
-                   images_root: str | Path | None = None, results_path: str | Path | None = None,
-                   **predict_kwargs: Any) -> dict[str, float]:
-    """Mask (or box) AP of ``model`` (a network or an :data:`InstancesFn`) on ``val_json``: ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10,
-    AR100, ARs, ARm, ARl, num_predictions}`` as fractions (-1 where COCO leaves one undefined).
+def evaluate_model(model: nn.Module | InstancesFn, val_json: str | Path, max_dets: int = 100,
+                   iou_type: str = "segm", images_root: str | Path | None = None,
+                   results_path: str | Path | None = None, **predict_kwargs: Any) -> dict[str, float]:
+    """Mask (or box) AP of ``model`` (a network or an :data:`InstancesFn`) on ``val_json``:
+    ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl, num_predictions}`` as
+    fractions (-1 where COCO leaves one undefined).
 
     ``predict_kwargs`` go to :func:`predict_dataset` (batch_size, device, topk, max_size, ...);
     ``results_path`` also saves the records as a COCO results json.

@@ -13,8 +13,9 @@ optional per-instance ``weights`` it honours. L_pxl is
 Cost: one gradient-carrying forward per step over the labeled and unlabeled weak images together
 (with embeddings only when L_pxl is on) feeds both set losses and L_pxl; the strong views cost one
 more forward without gradient, only when L_pxl is on. One forward per step is what
-DistributedDataParallel needs to reduce gradients during backward. A term whose λ is 0 is not computed at all (and the unlabeled batch is not even forwarded
-when neither L_semi nor L_pxl needs it).
+DistributedDataParallel needs to reduce gradients during backward. A term whose λ is 0 is not
+computed at all (and the unlabeled batch is not even forwarded when neither L_semi nor L_pxl
+needs it).
 """
 
 from __future__ import annotations

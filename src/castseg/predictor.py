@@ -133,8 +133,8 @@ def onnx_class_names(path: Path) -> list[str]:
 
 def load_predictor(path: str | Path, onnx: bool = False, device: str = "cpu", topk: int = 100,
                    score_threshold: float = 0.0, threads: int | None = None) -> Predictor:
-    """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``) or, with
-    ``onnx``, an exported ``.onnx`` file."""
+    """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``)
+    or, with ``onnx``, an exported ``.onnx`` file."""
     path = Path(path)
     if not path.exists():
         raise CastsegError(f"{path}: not found")

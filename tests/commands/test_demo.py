@@ -1,7 +1,6 @@
 """`castseg demo` on the embedded default: the path `make demo` runs."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -83,8 +83,8 @@ def make_trainer(run_dir, max_steps: int = 30, sleep: float = 0.0, dist=None, cr
                          **cfg_kw})
     loaders = {"labeled": BatchStream(NoisyRegression(24, seed=1), cfg.batch_size),
                "unlabeled": BatchStream(NoisyRegression(40, seed=2), cfg.batch_size)}
-    return Trainer(make_model(dropout=dropout), lambda m, b, s: loss_fn(m, b, s, sleep, crash_at), loaders, cfg, run_dir,
-                   evaluate_fn=make_eval(), name="toy", dist=dist)
+    return Trainer(make_model(dropout=dropout), lambda m, b, s: loss_fn(m, b, s, sleep, crash_at), loaders, cfg,
+                   run_dir, evaluate_fn=make_eval(), name="toy", dist=dist)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="per process")
     ap.add_argument("--no-dropout", action="store_true", help="no RNG in the forward: runs over the same global "
                                                                "batch match whatever the process count")
-    ap.add_argument("--out", help="file for 'weights-sha256 final-val-mse' and the weights (json) (.rankN under torchrun)")
+    ap.add_argument("--out", help="file for 'weights-sha256 final-val-mse' and the weights (json) "
+                                  "(.rankN under torchrun)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed("cpu")
