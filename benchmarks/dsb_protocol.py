@@ -16,7 +16,10 @@ Variants (``--variants``): ``table1`` (all stages + supervised-only: the Table-1
 refine), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
 +L_semi, +L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
 ``_class`` (L_pxl's negative sampler; ``table1`` is fused), ``supervised`` (the supervised-only
-student alone). Ablations distil from the adapted teacher of ``table1`` with the same seed.
+student alone), ``oracle`` (the supervised-only student on the labeled *and* the unlabeled
+images' own labels, with the supervised budget: what a perfect teacher's pseudo-labels could give
+at most; rendered beside ``table1``'s supervised-only row of the same seed). Ablations distil from
+the adapted teacher of ``table1`` with the same seed.
 Every run is a folder under ``--out`` and resumes.
 
     python benchmarks/dsb_protocol.py --protocol domain --variants table1 --seeds 0 1 2
@@ -58,7 +61,7 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[st
     from castseg.commands.demo import embedded_default
     from castseg.data.coco_io import load_coco, write_json
     from castseg.data.convert import convert
-    from castseg.data.split import make_split, write_split
+    from castseg.data.split import coco_subset, make_split, write_split
 
     if protocol == "domain":
         ann, split_seed = embedded_default(), seed  # the demo's protocol: split seed = run seed
@@ -71,14 +74,20 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[st
     coco = load_coco(ann)
     folder = out / "splits" / f"{protocol}_s{split_seed}_{round(fraction * 100)}"
     split = make_split(coco, seed=split_seed, labeled_fraction=fraction, val_fraction=0.15)
-    return write_split(coco, split, folder, split_seed, fraction, 0.15)
+    files = write_split(coco, split, folder, split_seed, fraction, 0.15)
+    # the oracle's training set: every train image with its own labels (the split keeps them aside)
+    files["oracle"] = folder / "labeled_oracle.json"
+    write_json(coco_subset(coco, sorted(split.labeled + split.unlabeled), folder), files["oracle"])
+    return files
 
 
-def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path):
+def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path, oracle: bool = False):
     from castseg.commands.demo import asset, standins
     from castseg.config import load_config, with_values
 
     files = split_files(protocol, seed, fraction, out)
+    if oracle:
+        files["labeled"] = files["oracle"]
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
     teacher, student = standins()
     return with_values(cfg, {**{f"data.{k}": str(files[k].resolve()) for k in ("labeled", "unlabeled", "val",
@@ -118,7 +127,7 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
     if metrics.get("complete") and not classical_missing:
         return metrics
-    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, [])], out)
+    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, [])], out, oracle=variant == "oracle")
     if not metrics.get("complete"):
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "config.yaml")
@@ -131,6 +140,9 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
             metrics.update(rows, **stages.run_refine(cfg, run_dir, student))
         elif variant == "supervised":  # the baseline alone, e.g. its learning curve with train.val_every
             metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_supervised",
+                                        name="supervised")
+        elif variant == "oracle":
+            metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_oracle",
                                         name="supervised")
         elif variant in ABLATIONS:
             metrics = stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra))[1]
@@ -194,6 +206,17 @@ def _extra_rows(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _oracle_rows(seeds: dict[int, dict], table1: dict[int, dict]) -> list[str]:
+    """Oracle − supervised-only (``table1``'s, same seed and split): the most any teacher's
+    pseudo-labels could add at this student budget."""
+    pairs = [(m["student_oracle"], table1[s]["student_supervised"]) for s, m in sorted(seeds.items())
+             if "student_oracle" in m and "student_supervised" in table1.get(s, {})]
+    if not pairs:
+        return []
+    diff = {k: [o[k] - s[k] for o, s in pairs] for k in ("AP", "AP50")}
+    return [f"| oracle − supervised-only (table1, paired by seed) | {_mean_sd(diff['AP'])} | {_mean_sd(diff['AP50'])} |"]
+
+
 def render(out: Path) -> str:
     lines = []
     for protocol in ("domain", "dsb664"):
@@ -226,6 +249,7 @@ def render(out: Path) -> str:
                 lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
                              f"{_mean_sd(diff['AP50'])} |")
             lines += _extra_rows(list(seeds.values()))
+            lines += _oracle_rows(seeds, runs.get("table1", {}))
             lines.append("")
     eff = out / "efficiency.json"
     if eff.is_file():

@@ -22,5 +22,7 @@ MODEL_ROWS: tuple[ModelRow, ...] = (
     ModelRow("student_supervised", "student, supervised only", "student"),
     ModelRow("student_distilled", "student, CAST distillation", "student"),
     ModelRow("student_refined", "student, CAST refined", "student"),
+    # benchmarks/dsb_protocol.py's ``oracle``: supervised on every train image's own labels
+    ModelRow("student_oracle", "student, oracle (all train labels)", "student"),
     ModelRow("classical_baseline", "classical Otsu + watershed", None),
 )
