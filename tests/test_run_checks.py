@@ -42,7 +42,7 @@ def write_gt(root: Path) -> tuple[Path, Path]:
 
 def results(path: Path, wrong: int = 0, wrong_score: float = 0.2) -> Path:
     """The GT as predictions (score 0.9), the first instance of the first ``wrong`` images moved
-    to an empty corner (no overlap with any nucleus) and scored ``wrong_score``."""
+    to a corner (IoU < 0.5 with every nucleus) and scored ``wrong_score``."""
     recs = []
     for n, (i, bs) in enumerate(BOXES.items()):
         for k, b in enumerate(bs):
@@ -84,8 +84,17 @@ def test_pseudo_label_ap_against_the_unlabeled_ground_truth(tmp_path):
     ranked_first = pseudo_label_ap(gt, results(tmp_path / "first.json", wrong=2, wrong_score=0.95), 100)
     assert ranked_first["AP"] == pytest.approx(0.5 * 51 / 101, abs=1e-9)
     rows = pseudo_label_rows(cfg_for(unlabeled, gt_path), "adapt_a", tmp_path / "half.json")
+    # at L_semi's threshold (0.3) the two wrong ones (0.2) are dropped: both kept are right,
+    # and two of the four nuclei have none
+    quality = {"score_threshold": 0.3, "pseudo_labels": 2, "truth": 4, "matched": 2, "precision": 1.0,
+               "recall": 0.5, "merged": 0, "off_target": 0}
     assert rows == {"pseudo_labels": {"ground_truth": str(gt_path), "num_images": 2,
-                                      "adapt_a": {**half, "file": str(tmp_path / "half.json")}}}
+                                      "adapt_a": {**half, "file": str(tmp_path / "half.json"), "quality": quality}}}
+    first = pseudo_label_rows(cfg_for(unlabeled, gt_path), "adapt_a", tmp_path / "first.json")
+    # scored above the threshold the wrong ones count; on image 2 the moved box still lies 40 % on
+    # a nucleus (IoU 0.25: wrong, but not off target)
+    assert first["pseudo_labels"]["adapt_a"]["quality"] == {**quality, "pseudo_labels": 4, "precision": 0.5,
+                                                           "off_target": 1}
     # the rows of the second cache join the first's
     later = pseudo_label_rows(cfg_for(unlabeled, gt_path), "teacher", tmp_path / "same.json")
     merged = merge_rows(merge_rows({"teacher_adapted": {"AP": 0.1}}, rows), later)
@@ -115,18 +124,21 @@ def test_unlabeled_gt_errors_name_both_files(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'r.json'}: 1 image id(s)") and str(gt_path) in str(e.value)
 
 
+QUALITY = {"score_threshold": 0.3, "pseudo_labels": 8, "truth": 10, "matched": 4, "precision": 0.5,
+           "recall": 0.4, "merged": 2, "off_target": 1}
 PSEUDO = {"ground_truth": "splits/unlabeled_gt.json", "num_images": 6,
-          "adapt_a": {"AP": 0.125, "AP50": 0.5, "file": "pl/adapt_a.json"},
-          "teacher": {"AP": 0.25, "AP50": 0.625, "file": "pl/teacher.json"}}
+          "adapt_a": {"AP": 0.125, "AP50": 0.5, "file": "pl/adapt_a.json", "quality": QUALITY},
+          "teacher": {"AP": 0.25, "AP50": 0.625, "file": "pl/teacher.json"}}  # a run from before "quality"
 
 
 def test_demo_table_shows_pseudo_labels_and_premise():
     metrics = {"teacher_adapted": {"AP": 0.3, "AP50": 0.6}, "student_supervised": {"AP": 0.2, "AP50": 0.4},
                "pseudo_labels": PSEUDO}
     lines = results_table(metrics).splitlines()
-    assert lines[-4].split() == ["pseudo-labels", "adapt/a", "*", "12.50", "50.00", "—", "—"]
-    assert lines[-3].split() == ["pseudo-labels", "adapt/c", "*", "25.00", "62.50", "—", "—"]
-    assert lines[-2].startswith("* pseudo-labels on the 6 unlabeled images")
+    assert lines[-5].split() == ["pseudo-labels", "adapt/a", "*", "12.50", "50.00", "—", "—"]
+    assert lines[-4].split() == ["pseudo-labels", "adapt/c", "*", "25.00", "62.50", "—", "—"]
+    assert lines[-3].startswith("* pseudo-labels on the 6 unlabeled images")
+    assert lines[-2] == "  adapt/a: precision 0.50, recall 0.40, 25 % merge ≥ 2 instances (score ≥ 0.3)"
     assert lines[-1] == "premise: adapted teacher / supervised-only student = 1.50x (CAST needs > 1)"
     zero = results_table({"teacher_adapted": {"AP": 0.3, "AP50": 0.6}, "student_supervised": {"AP": 0.0, "AP50": 0.0}})
     assert zero.splitlines()[-1].endswith("= — (the supervised-only AP is 0)")
@@ -138,8 +150,9 @@ def test_report_shows_pseudo_labels_and_premise(tmp_path):
     md, page = write_report(tmp_path, metrics)
     text = md.read_text()
     assert "premise: adapted teacher / supervised-only student = 1.50x (CAST needs > 1)" in text
-    assert "| adapt/a | 0.125 | 0.500 | pl/adapt_a.json |" in text
-    assert "| adapt/c | 0.250 | 0.625 | pl/teacher.json |" in text
+    assert ("| adapt/a | 0.125 | 0.500 | precision 0.50, recall 0.40, 25 % merge ≥ 2 instances (score ≥ 0.3) "
+            "| pl/adapt_a.json |") in text
+    assert "| adapt/c | 0.250 | 0.625 | — | pl/teacher.json |" in text
     assert "6 unlabeled images" in text
     doc = page.read_text()
     assert "1.50x (CAST needs &gt; 1)" in doc and "<td>adapt/c</td><td>0.250</td>" in doc

@@ -107,6 +107,8 @@ def test_run_with_the_grounded_sam_teacher(tiny_run):
 
 
 def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
+    from castseg.data.coco_io import read_json
+    from castseg.eval.pseudo_label_quality import label_quality
     from castseg.run_checks import premise_ratio, pseudo_label_ap
 
     runs, gt = tiny_run / "runs", tiny_run / "splits" / "unlabeled_gt.json"
@@ -121,7 +123,8 @@ def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
     assert pseudo["ground_truth"] == str(gt) and pseudo["num_images"] == len(truth.images)
     for key, name in (("adapt_a", "adapt_a.json"), ("teacher", "teacher.json")):
         file = run_dir / "pseudo_labels" / name
-        assert pseudo[key] == {**pseudo_label_ap(truth, file, 100), "file": str(file)}, key
+        assert pseudo[key] == {**pseudo_label_ap(truth, file, 100), "file": str(file),
+                               "quality": label_quality(truth, read_json(file), 0.3)}, key
     assert "premise_ratio" in metrics and metrics["premise_ratio"] == premise_ratio(metrics)
     out = capsys.readouterr().out
     assert "pseudo-labels of teacher adapt/a: AP" in out and "premise: adapted teacher / supervised-only" in out

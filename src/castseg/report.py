@@ -174,14 +174,15 @@ def model_table(metrics: dict[str, Any]) -> list[list[str]]:
 def pseudo_label_table(metrics: dict[str, Any]) -> list[list[str]] | None:
     """The pseudo-label caches scored against the unlabeled images' own annotations; None when
     the run had none (``data.unlabeled_gt`` unset)."""
-    from castseg.run_checks import PSEUDO_LABEL_SOURCES
+    from castseg.run_checks import PSEUDO_LABEL_SOURCES, quality_text
 
     pseudo = metrics.get("pseudo_labels") or {}
-    rows = [["made by teacher", "mask AP", "AP50", "file"]]
+    rows = [["made by teacher", "mask AP", "AP50", "L_semi's instances (matched at IoU 0.5)", "file"]]
     for key, stage in PSEUDO_LABEL_SOURCES.items():
         if isinstance(pseudo.get(key), dict):
             m = pseudo[key]
-            rows.append([stage, _fmt(m.get("AP")), _fmt(m.get("AP50")), str(m.get("file", "—"))])
+            quality = quality_text(m["quality"]) if m.get("quality") else "—"
+            rows.append([stage, _fmt(m.get("AP")), _fmt(m.get("AP50")), quality, str(m.get("file", "—"))])
     return rows if len(rows) > 1 else None
 
 

@@ -73,10 +73,8 @@ def load_unlabeled_gt(cfg: RunConfig) -> CocoData | None:
     return gt
 
 
-def pseudo_label_ap(gt: CocoData, results: str | Path, max_dets: int) -> dict[str, float]:
-    """Mask AP / AP50 of a pseudo-label cache (a COCO results list) against ``gt``."""
-    from castseg.eval.coco_eval import evaluate_coco
-
+def _records(gt: CocoData, results: str | Path) -> list[dict[str, Any]]:
+    """The COCO results list ``results``, checked to cover only images of ``gt``."""
     records = read_json(results)
     if not isinstance(records, list):
         raise InputError(results, "not a COCO results list")
@@ -85,18 +83,43 @@ def pseudo_label_ap(gt: CocoData, results: str | Path, max_dets: int) -> dict[st
     if missing:
         raise InputError(results, f"{len(missing)} image id(s) are not images of the ground truth {gt.path} "
                          f"(first: {missing[:5]}); the pseudo-labels and the ground truth cover different images")
+    return records
+
+
+def pseudo_label_ap(gt: CocoData, results: str | Path | list[dict[str, Any]], max_dets: int) -> dict[str, float]:
+    """Mask AP / AP50 of a pseudo-label cache (a COCO results file, or its records) against ``gt``."""
+    from castseg.eval.coco_eval import evaluate_coco
+
+    records = results if isinstance(results, list) else _records(gt, results)
     stats = evaluate_coco(gt, records, "segm", max_dets=max_dets)
     return {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 
 def pseudo_label_rows(cfg: RunConfig, key: str, results: str | Path) -> dict[str, Any]:
-    """``{"pseudo_labels": {key: {AP, AP50, file}, ground_truth, num_images}}`` when
-    ``data.unlabeled_gt`` is set, else ``{}``."""
+    """``{"pseudo_labels": {key: {AP, AP50, file, quality}, ground_truth, num_images}}`` when
+    ``data.unlabeled_gt`` is set, else ``{}``. ``quality``: what L_semi's instances (score ≥
+    ``loss.score_threshold``) get right and wrong (:mod:`castseg.eval.pseudo_label_quality`)."""
+    from castseg.eval.pseudo_label_quality import label_quality
+
     gt = load_unlabeled_gt(cfg)
     if gt is None:
         return {}
+    records = _records(gt, results)
+    quality = label_quality(gt, records, cfg.loss.score_threshold)
     return {"pseudo_labels": {"ground_truth": str(gt.path), "num_images": len(gt.images),
-                              key: {**pseudo_label_ap(gt, results, cfg.eval.max_dets), "file": str(results)}}}
+                              key: {**pseudo_label_ap(gt, records, cfg.eval.max_dets), "file": str(results),
+                                    "quality": quality}}}
+
+
+def quality_text(quality: dict[str, Any]) -> str:
+    """``precision 0.42, recall 0.54, 26 % merge ≥ 2 instances (score ≥ 0.3)`` for the tables."""
+    def rate(v: float | None) -> str:
+        return "—" if v is None else f"{v:.2f}"
+
+    n = quality["pseudo_labels"]
+    merged = f"{100 * quality['merged'] / n:.0f} %" if n else "—"
+    return (f"precision {rate(quality['precision'])}, recall {rate(quality['recall'])}, {merged} merge ≥ 2 "
+            f"instances (score ≥ {quality['score_threshold']:g})")
 
 
 def merge_rows(metrics: dict[str, Any], rows: dict[str, Any]) -> dict[str, Any]:

@@ -111,6 +111,8 @@ def test_demo_quick_runs_all_stages_and_prints_the_table(quick_demo, capsys):
 def test_demo_quick_records_the_premise_and_the_pseudo_labels_ap(quick_demo):
     import yaml
 
+    from castseg.data.coco_io import read_json
+    from castseg.eval.pseudo_label_quality import label_quality
     from castseg.run_checks import pseudo_label_ap
 
     metrics = json.loads((quick_demo / "metrics.json").read_text())
@@ -133,7 +135,8 @@ def test_demo_quick_records_the_premise_and_the_pseudo_labels_ap(quick_demo):
     assert pseudo["num_images"] == 6 and pseudo["ground_truth"] == cfg["data"]["unlabeled_gt"]
     for key, name in (("adapt_a", "adapt_a.json"), ("teacher", "teacher.json")):
         file = quick_demo / "pseudo_labels" / name
-        assert pseudo[key] == {**pseudo_label_ap(gt, file, cfg["eval"]["max_dets"]), "file": str(file)}, key
+        assert pseudo[key] == {**pseudo_label_ap(gt, file, cfg["eval"]["max_dets"]), "file": str(file),
+                               "quality": label_quality(gt, read_json(file), 0.3)}, key
 
 
 def test_quick_demo_has_its_own_default_folder():

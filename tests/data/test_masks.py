@@ -33,3 +33,20 @@ def test_polygon_to_rle_area():
 def test_bad_segmentations(segm, msg):
     with pytest.raises(InputError, match=msg):
         M.segmentation_to_rle(segm, 8, 8, "ann.json: annotation #0")
+
+
+def test_overlap_is_iou_or_share_inside_and_union_covers_all():
+    a, b = np.zeros((10, 12), np.uint8), np.zeros((10, 12), np.uint8)
+    a[0:4, 0:5] = 1   # 20 px
+    b[2:6, 0:5] = 1   # 20 px, 10 of them shared with a
+    ra, rb = M.encode(a), M.encode(b)
+    iou = M.overlap([ra, rb], [rb])
+    assert iou.shape == (2, 1) and iou[0, 0] == pytest.approx(10 / 30) and iou[1, 0] == 1.0
+    # share of each dt inside the gt: |a ∩ b| / |a|, not symmetric in size
+    big = np.zeros_like(a)
+    big[0:10, 0:12] = 1
+    inside = M.overlap([ra, M.encode(big)], [ra], inside=True)
+    assert inside[0, 0] == 1.0 and inside[1, 0] == pytest.approx(20 / 120)
+    assert M.overlap([], [ra]).shape == (0, 1)
+    u = M.union([ra, rb])
+    assert M.area(u) == 30 and (M.decode(u) == (a | b)).all()

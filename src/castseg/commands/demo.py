@@ -148,7 +148,7 @@ def _efficiency(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def results_table(metrics: dict[str, Any]) -> str:
-    from castseg.run_checks import PSEUDO_LABEL_SOURCES, premise_text
+    from castseg.run_checks import PSEUDO_LABEL_SOURCES, premise_text, quality_text
 
     eff = _efficiency(metrics)
     # COCO AP in percent, the paper's unit (0.42 reads better than 0.004)
@@ -163,12 +163,14 @@ def results_table(metrics: dict[str, Any]) -> str:
         lat = f"{e['latency_ms']:.0f} ms" if e.get("latency_ms") else "—"
         lines.append(f"{label:<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}{params:>10}{lat:>11}")
     pseudo = metrics.get("pseudo_labels") or {}
-    rows = [(f"pseudo-labels {stage} *", pseudo[key]) for key, stage in PSEUDO_LABEL_SOURCES.items() if key in pseudo]
-    for label, row in rows:
-        lines.append(f"{label:<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}{'—':>10}{'—':>11}")
+    rows = [(stage, pseudo[key]) for key, stage in PSEUDO_LABEL_SOURCES.items() if key in pseudo]
+    for stage, row in rows:
+        lines.append(f"{'pseudo-labels ' + stage + ' *':<26}{100 * row['AP']:>9.2f}{100 * row['AP50']:>10.2f}"
+                     f"{'—':>10}{'—':>11}")
     if rows:
         lines.append(f"* pseudo-labels on the {pseudo['num_images']} unlabeled images, scored against their own "
                      "annotations (kept aside, never trained on)")
+        lines += [f"  {stage}: {quality_text(row['quality'])}" for stage, row in rows if row.get("quality")]
     lines.append(premise_text(metrics))
     return "\n".join(lines)
 

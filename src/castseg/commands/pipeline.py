@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             row = pseudo[key]
             print(f"  pseudo-labels of teacher {label}: AP {row['AP']:.3f}  AP50 {row['AP50']:.3f} on the "
                   f"{pseudo['num_images']} unlabeled images ({pseudo['ground_truth']})")
+            if row.get("quality"):
+                print(f"    {run_checks.quality_text(row['quality'])}")
     if args.verb == "run":
         print(f"  {run_checks.premise_text(metrics)}")
     if (run_dir / "report.html").is_file():

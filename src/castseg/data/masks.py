@@ -70,6 +70,23 @@ def bbox(rle: dict[str, Any]) -> list[float]:
     return [float(v) for v in _mask.toBbox(_as_c_rle(rle))]
 
 
+def overlap(dt: list[dict[str, Any]], gt: list[dict[str, Any]], inside: bool = False) -> np.ndarray:
+    """``[len(dt), len(gt)]`` mask IoU of compressed RLEs, or with ``inside`` the share of each
+    ``dt`` mask that lies in each ``gt`` mask (|dt ∩ gt| / |dt|: COCO's crowd overlap)."""
+    if not dt or not gt:
+        return np.zeros((len(dt), len(gt)))
+    out = _mask.iou([_as_c_rle(r) for r in dt], [_as_c_rle(r) for r in gt], [int(inside)] * len(gt))
+    return np.asarray(out, dtype=np.float64).reshape(len(dt), len(gt))
+
+
+def union(rles: list[dict[str, Any]]) -> dict[str, Any]:
+    """One compressed RLE covering every mask of ``rles`` (same size; at least one)."""
+    merged = _mask.merge([_as_c_rle(r) for r in rles], intersect=False)
+    counts = merged["counts"]
+    return {"size": [int(v) for v in merged["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def segmentation_to_rle(segm: Any, height: int, width: int, source: str = "") -> dict[str, Any]:
     """Any COCO segmentation (polygons, uncompressed or compressed RLE) → compressed RLE.
 
