@@ -18,8 +18,11 @@ refine), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: 
 ``_class`` (L_pxl's negative sampler; ``table1`` is fused), ``supervised`` (the supervised-only
 student alone), ``oracle`` (the supervised-only student on the labeled *and* the unlabeled
 images' own labels, with the supervised budget: what a perfect teacher's pseudo-labels could give
-at most; rendered beside ``table1``'s supervised-only row of the same seed). Ablations distil from
-the adapted teacher of ``table1`` with the same seed.
+at most; rendered beside ``table1``'s supervised-only row of the same seed), ``distill`` (stage 2
+alone, all loss terms: e.g. its learning curve with ``train.val_every``), ``perfect_cache``
+(stage 2 alone with the unlabeled images' own labels as the pseudo-label cache, score 1: a perfect
+teacher through the very same L_semi path). Ablations distil from the adapted teacher of
+``table1`` with the same seed.
 Every run is a folder under ``--out`` and resumes.
 
     python benchmarks/dsb_protocol.py --protocol domain --variants table1 --seeds 0 1 2
@@ -113,6 +116,47 @@ def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) 
     return str(stages.run_adapt(cfg, run_dir)[0].resolve())
 
 
+def perfect_cache(cfg, out: Path) -> Path:
+    """The unlabeled images' own labels (``data.unlabeled_gt``) written as a pseudo-label cache
+    (COCO results, score 1, with the manifest the datasets read)."""
+    from castseg.data import masks as M
+    from castseg.data.coco_io import load_coco, write_json
+    from castseg.data.dataset import UnlabeledImageDataset
+    from castseg.pseudo_labels.cache import FORMAT, images_sha256, manifest_path
+
+    gt = load_coco(cfg.data.unlabeled_gt)
+    records = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+                "segmentation": M.segmentation_to_rle(a["segmentation"], gt.image_by_id[a["image_id"]]["height"],
+                                                      gt.image_by_id[a["image_id"]]["width"])}
+               for a in gt.annotations]
+    source = Path(cfg.data.unlabeled)
+    ds = UnlabeledImageDataset(source, cfg.data.images_root, strong_view=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(records, out)
+    write_json({"format": FORMAT, "format_version": 1, "teacher_sha256": None,
+                "teacher": {"config": {"type": "unlabeled_gt", "path": str(cfg.data.unlabeled_gt)}},
+                "class_names": gt.class_names, "categories": gt.categories, "images": str(source),
+                "images_sha256": images_sha256(source, ds), "num_images": len(ds), "num_instances": len(records),
+                "finished": True}, manifest_path(out), indent=1)
+    return out
+
+
+def stage2_only(variant: str, cfg, protocol: str, seed: int, out: Path, run_dir: Path, extra: list[str]) -> dict:
+    """Stage 2 alone: from ``table1``'s adapted teacher (ablations, ``distill``) or from the
+    unlabeled images' own labels (``perfect_cache``)."""
+    from castseg import stages
+    from castseg.data.coco_io import load_coco
+    from castseg.trainable import CastTrainable
+
+    if variant != "perfect_cache":
+        return stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra))[1]
+    cache = perfect_cache(cfg, run_dir / "pseudo_labels" / "unlabeled_gt.json")
+    names = load_coco(cfg.data.labeled).class_names
+    r = stages.train_stage("distill", CastTrainable(stages.initial_student(cfg)), cfg, run_dir, names,
+                           cfg.loss.lambda_semi, cfg.loss.lambda_pxl, pseudo_labels=cache)
+    return {"student_distilled": {"AP": r["val"]["AP"], "AP50": r["val"]["AP50"], "checkpoint": r.get("checkpoint")}}
+
+
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     from castseg import stages
     from castseg.commands.demo import classical_baseline
@@ -144,8 +188,8 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         elif variant == "oracle":
             metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_oracle",
                                         name="supervised")
-        elif variant in ABLATIONS:
-            metrics = stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra))[1]
+        elif variant in ABLATIONS or variant in ("distill", "perfect_cache"):
+            metrics = stage2_only(variant, cfg, protocol, seed, out, run_dir, list(extra))
         else:
             sys.exit(f"unknown variant {variant!r}")
         metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
