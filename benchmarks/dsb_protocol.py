@@ -119,16 +119,13 @@ def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) 
 def perfect_cache(cfg, out: Path) -> Path:
     """The unlabeled images' own labels (``data.unlabeled_gt``) written as a pseudo-label cache
     (COCO results, score 1, with the manifest the datasets read)."""
-    from castseg.data import masks as M
-    from castseg.data.coco_io import load_coco, write_json
+    from castseg.data.coco_io import annotation_rle, load_coco, write_json
     from castseg.data.dataset import UnlabeledImageDataset
     from castseg.pseudo_labels.cache import FORMAT, images_sha256, manifest_path
 
     gt = load_coco(cfg.data.unlabeled_gt)
     records = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
-                "segmentation": M.segmentation_to_rle(a["segmentation"], gt.image_by_id[a["image_id"]]["height"],
-                                                      gt.image_by_id[a["image_id"]]["width"])}
-               for a in gt.annotations]
+                "segmentation": annotation_rle(a, gt.image_by_id[a["image_id"]])} for a in gt.annotations]
     source = Path(cfg.data.unlabeled)
     ds = UnlabeledImageDataset(source, cfg.data.images_root, strong_view=False)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from castseg.data import masks as M
-from castseg.data.coco_io import CocoData
+from castseg.data.coco_io import CocoData, annotation_rle
 
 
 def _greedy_matches(iou: np.ndarray, threshold: float) -> int:
@@ -50,9 +50,7 @@ def label_quality(gt: CocoData, records: list[dict[str, Any]], score_threshold: 
     ``gt`` (see the module docstring); per image and category."""
     truth: dict[tuple[int, int], list[dict]] = {}
     for a in gt.annotations:
-        img = gt.image_by_id[a["image_id"]]
-        truth.setdefault((a["image_id"], a["category_id"]), []).append(
-            M.segmentation_to_rle(a["segmentation"], img["height"], img["width"]))
+        truth.setdefault((a["image_id"], a["category_id"]), []).append(annotation_rle(a, gt.image_by_id[a["image_id"]]))
     kept: dict[tuple[int, int], list[dict]] = {}
     for r in sorted((r for r in records if r["score"] >= score_threshold), key=lambda r: -r["score"]):
         kept.setdefault((r["image_id"], r["category_id"]), []).append(r["segmentation"])
