@@ -142,16 +142,11 @@ def stage2_only(variant: str, cfg, protocol: str, seed: int, out: Path, run_dir:
     """Stage 2 alone: from ``table1``'s adapted teacher (ablations, ``distill``) or from the
     unlabeled images' own labels (``perfect_cache``)."""
     from castseg import stages
-    from castseg.data.coco_io import load_coco
-    from castseg.trainable import CastTrainable
 
     if variant != "perfect_cache":
         return stages.run_distill(cfg, run_dir, adapted_teacher(protocol, seed, out, extra))[1]
     cache = perfect_cache(cfg, run_dir / "pseudo_labels" / "unlabeled_gt.json")
-    names = load_coco(cfg.data.labeled).class_names
-    r = stages.train_stage("distill", CastTrainable(stages.initial_student(cfg)), cfg, run_dir, names,
-                           cfg.loss.lambda_semi, cfg.loss.lambda_pxl, pseudo_labels=cache)
-    return {"student_distilled": {"AP": r["val"]["AP"], "AP50": r["val"]["AP50"], "checkpoint": r.get("checkpoint")}}
+    return stages.distill_from_cache(cfg, run_dir, cache)[1]
 
 
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
@@ -255,7 +250,8 @@ def _oracle_rows(seeds: dict[int, dict], table1: dict[int, dict]) -> list[str]:
     if not pairs:
         return []
     diff = {k: [o[k] - s[k] for o, s in pairs] for k in ("AP", "AP50")}
-    return [f"| oracle − supervised-only (table1, paired by seed) | {_mean_sd(diff['AP'])} | {_mean_sd(diff['AP50'])} |"]
+    return [f"| oracle − supervised-only (table1, paired by seed) | {_mean_sd(diff['AP'])} | "
+            f"{_mean_sd(diff['AP50'])} |"]
 
 
 def render(out: Path) -> str:

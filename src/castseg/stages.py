@@ -202,11 +202,17 @@ def run_distill(cfg: RunConfig, run_dir: Path, teacher_path: str | Path, resume:
     """Stage 2: frozen θ_T'' pseudo-labels D_u once; the student trains on J(λ_semi, λ_pxl)."""
     pl = pseudo_label(teacher_path, cfg, run_dir / "pseudo_labels" / "teacher.json", resume)
     metrics = run_checks.pseudo_label_rows(cfg, "teacher", pl)
+    student, row = distill_from_cache(cfg, run_dir, pl, resume)
+    return student, {**metrics, **row}
+
+
+def distill_from_cache(cfg: RunConfig, run_dir: Path, pseudo_labels: Path, resume: bool | str = True
+                       ) -> tuple[torch.nn.Module, Metrics]:
+    """Stage 2's training alone: θ_s⁰ on J(λ_semi, λ_pxl) with an existing pseudo-label cache."""
     student = initial_student(cfg)
     r = train_stage("distill", CastTrainable(student), cfg, run_dir, _class_names(cfg), cfg.loss.lambda_semi,
-                    cfg.loss.lambda_pxl, pseudo_labels=pl, resume=resume)
-    metrics["student_distilled"] = _row(r)
-    return student, metrics
+                    cfg.loss.lambda_pxl, pseudo_labels=pseudo_labels, resume=resume)
+    return student, {"student_distilled": _row(r)}
 
 
 def run_refine(cfg: RunConfig, run_dir: Path, student: torch.nn.Module, resume: bool | str = True,
