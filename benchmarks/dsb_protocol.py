@@ -60,7 +60,7 @@ ABLATIONS = {
 }
 
 
-def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[str, Path]:
+def split_files(protocol: str, seed: int, fraction: float, out: Path, oracle: bool = False) -> dict[str, Path]:
     from castseg.commands.demo import embedded_default
     from castseg.data.coco_io import load_coco, write_json
     from castseg.data.convert import convert
@@ -78,9 +78,9 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path) -> dict[st
     folder = out / "splits" / f"{protocol}_s{split_seed}_{round(fraction * 100)}"
     split = make_split(coco, seed=split_seed, labeled_fraction=fraction, val_fraction=0.15)
     files = write_split(coco, split, folder, split_seed, fraction, 0.15)
-    # the oracle's training set: every train image with its own labels (the split keeps them aside)
-    files["oracle"] = folder / "labeled_oracle.json"
-    write_json(coco_subset(coco, sorted(split.labeled + split.unlabeled), folder), files["oracle"])
+    if oracle:  # its labeled set: every train image with its own labels (the split keeps them aside)
+        files["labeled"] = folder / "labeled_oracle.json"
+        write_json(coco_subset(coco, sorted(split.labeled + split.unlabeled), folder), files["labeled"])
     return files
 
 
@@ -88,9 +88,7 @@ def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Pat
     from castseg.commands.demo import asset, standins
     from castseg.config import load_config, with_values
 
-    files = split_files(protocol, seed, fraction, out)
-    if oracle:
-        files["labeled"] = files["oracle"]
+    files = split_files(protocol, seed, fraction, out, oracle)
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
     teacher, student = standins()
     return with_values(cfg, {**{f"data.{k}": str(files[k].resolve()) for k in ("labeled", "unlabeled", "val",
