@@ -115,24 +115,11 @@ def adapted_teacher(protocol: str, seed: int, out: Path, extra: list[str] = ()) 
 
 
 def perfect_cache(cfg, out: Path) -> Path:
-    """The unlabeled images' own labels (``data.unlabeled_gt``) written as a pseudo-label cache
-    (COCO results, score 1, with the manifest the datasets read)."""
-    from castseg.data.coco_io import annotation_rle, load_coco, write_json
-    from castseg.data.dataset import UnlabeledImageDataset
-    from castseg.pseudo_labels.cache import FORMAT, images_sha256, manifest_path
+    """The unlabeled images' own labels (``data.unlabeled_gt``) as a pseudo-label cache (score 1),
+    through the same import as ``castseg pseudo-label --predictions``."""
+    from castseg.pseudo_labels import import_pseudo_labels
 
-    gt = load_coco(cfg.data.unlabeled_gt)
-    records = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
-                "segmentation": annotation_rle(a, gt.image_by_id[a["image_id"]])} for a in gt.annotations]
-    source = Path(cfg.data.unlabeled)
-    ds = UnlabeledImageDataset(source, cfg.data.images_root, strong_view=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(records, out)
-    write_json({"format": FORMAT, "format_version": 1, "teacher_sha256": None,
-                "teacher": {"config": {"type": "unlabeled_gt", "path": str(cfg.data.unlabeled_gt)}},
-                "class_names": gt.class_names, "categories": gt.categories, "images": str(source),
-                "images_sha256": images_sha256(source, ds), "num_images": len(ds), "num_instances": len(records),
-                "finished": True}, manifest_path(out), indent=1)
+    import_pseudo_labels(cfg.data.unlabeled_gt, cfg.data.unlabeled, out, images_root=cfg.data.images_root)
     return out
 
 

@@ -3,7 +3,9 @@
 Writes ``OUT`` (COCO results: RLE masks, scores, category ids) and ``OUT.manifest.json``; score
 thresholds are applied when the cache is read, so it is made once per teacher. Resumable (rerun
 the same command after a kill) and sharded under ``torchrun --nproc_per_node N -m castseg.cli
-pseudo-label ...``. See :mod:`castseg.pseudo_labels`.
+pseudo-label ...``. With ``--predictions`` instead of ``--teacher`` it writes the same cache
+from another model's COCO results (or a COCO json's annotations, score 1). See
+:mod:`castseg.pseudo_labels`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("pseudo-label", help="cache a frozen teacher's instances on unlabeled images",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True,
-                   help="castseg checkpoint (folder / model.json), teacher folder (teacher.json) or teacher config "
-                   "(.yaml/.json with 'type', optionally under 'teacher:')")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher",
+                     help="castseg checkpoint (folder / model.json), teacher folder (teacher.json) or teacher config "
+                     "(.yaml/.json with 'type', optionally under 'teacher:')")
+    src.add_argument("--predictions",
+                     help="instead of a teacher: COCO results json of a model run elsewhere (or a COCO json whose "
+                     "annotations become pseudo-labels at score 1), written as the cache")
     p.add_argument("--images", required=True, help="unlabeled images: COCO json (its 'images') or a folder")
     p.add_argument("--images-root", default=None, help="for a COCO json: folder its file names are relative to")
     p.add_argument("--out", required=True, help="pseudo-label cache to write, e.g. pseudo.json")
@@ -36,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=0, help="threads decoding images ahead of the teacher")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing cache or unfinished pass made with other settings")
+    p.add_argument("--class-names", nargs="+", default=None,
+                   help="classes to label (default: the teacher's, else the images json's categories; "
+                   "with --predictions and a folder of images: category ids 1..C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -46,10 +55,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from castseg.errors import InputError
-    from castseg.pseudo_labels import dist_info, generate_pseudo_labels, load_teacher
+    from castseg.pseudo_labels import dist_info, generate_pseudo_labels, import_pseudo_labels, load_teacher
 
     if not Path(args.images).exists():  # before loading a possibly large teacher
         raise InputError(args.images, "not found (expected a COCO json or a folder of images)")
+    if args.predictions:
+        manifest = import_pseudo_labels(args.predictions, args.images, args.out, images_root=args.images_root,
+                                        class_names=args.class_names, min_score=args.min_score,
+                                        overwrite=args.overwrite)
+        logger.info(f"imported {manifest['num_instances']} instances with score >= {manifest['min_score']} on "
+                    f"{manifest['num_images']} images -> {args.out}")
+        return 0
 
     # Initialise the process group first: under torchrun each rank picks its own GPU.
     rank, world = dist_info()
@@ -59,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     teacher, info = load_teacher(args.teacher, device=device)
     manifest = generate_pseudo_labels(
         teacher, args.images, args.out, teacher_info=info, images_root=args.images_root,
-        batch_size=args.batch_size, min_score=args.min_score, chunk_size=args.chunk_size, max_size=args.max_size,
-        overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.workers)
+        class_names=args.class_names, batch_size=args.batch_size, min_score=args.min_score,
+        chunk_size=args.chunk_size, max_size=args.max_size, overwrite=args.overwrite,
+        progress=not args.no_progress, num_workers=args.workers)
     if rank == 0:
         logger.info(f"pseudo-labelled {manifest['num_images']} images: {manifest['num_instances']} instances with "
                     f"score >= {manifest['min_score']} -> {args.out}" + (f" ({world} processes)" if world > 1 else ""))

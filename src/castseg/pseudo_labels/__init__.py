@@ -18,12 +18,17 @@ The score threshold (METHOD.md: 0.3) is applied when READING (:func:`load_pseudo
 Under ``torchrun`` (or any initialised ``torch.distributed`` group) rank r takes chunks
 k ≡ r (mod world size) and writes their parts; rank 0 merges. Chunks never depend on the world
 size, so a pass may resume with a different number of processes.
+
+Predictions made elsewhere (another model's COCO results, or a COCO json's own annotations)
+become the same cache with :func:`import_pseudo_labels` (``castseg pseudo-label --predictions``).
 """
 
 from castseg.pseudo_labels.cache import (FORMAT, PseudoLabeledDataset, load_pseudo_labels, manifest_path, parts_dir,
                                          read_manifest)
 from castseg.pseudo_labels.generate import dist_info, generate_pseudo_labels
+from castseg.pseudo_labels.import_results import import_pseudo_labels
 from castseg.pseudo_labels.teacher_spec import load_teacher
 
-__all__ = ["FORMAT", "PseudoLabeledDataset", "dist_info", "generate_pseudo_labels", "load_pseudo_labels",
+__all__ = ["FORMAT", "PseudoLabeledDataset", "dist_info", "generate_pseudo_labels", "import_pseudo_labels",
+           "load_pseudo_labels",
            "load_teacher", "manifest_path", "parts_dir", "read_manifest"]

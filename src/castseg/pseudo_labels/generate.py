@@ -70,7 +70,7 @@ def _part(out: Path, k: int) -> Path:
     return parts_dir(out) / f"part-{k:06d}.json"
 
 
-def _classes(source: Path, images_root: Any, teacher: Any, class_names: Sequence[str] | None
+def cache_classes(source: Path, images_root: Any, teacher: Any, class_names: Sequence[str] | None
              ) -> tuple[list[str], list[dict[str, Any]], list[int]]:
     """``(class names to predict, categories for the manifest, category id of each class)``.
     Categories are the images json's (so labels match the labeled split's), else 1..C."""
@@ -138,7 +138,23 @@ def _predict_chunk(teacher: Any, batches: Any, names: list[str], cat_of: np.ndar
     return records
 
 
-def _prepare(out: Path, manifest: dict[str, Any], overwrite: bool, restart_changed: bool = False) -> str:
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_manifest(source: Path, ds: UnlabeledImageDataset, info: dict[str, Any], names: list[str],
+                 cats: list[dict[str, Any]], min_score: float, max_size: int | None, chunk_size: int | None
+                 ) -> dict[str, Any]:
+    """The manifest of a cache not yet written (``finished`` False, no instance count)."""
+    return {"format": FORMAT, "format_version": 1, "castseg_version": __version__,
+            "teacher_sha256": info["sha256"], "teacher": info, "class_names": names, "categories": cats,
+            "min_score": float(min_score), "max_size": max_size,
+            "chunk_size": None if chunk_size is None else int(chunk_size),
+            "images": str(source), "images_sha256": images_sha256(source, ds), "num_images": len(ds),
+            "num_instances": None, "finished": False, "created": now()}
+
+
+def prepare_cache(out: Path, manifest: dict[str, Any], overwrite: bool, restart_changed: bool = False) -> str:
     """Rank 0: ``"done"`` (a finished identical cache), ``"run"`` (fresh or resumed pass). A cache
     made with other settings is refused, or with ``restart_changed`` moved aside (never deleted)."""
     mpath = manifest_path(out)
@@ -181,8 +197,7 @@ def _merge(out: Path, chunk_ids: list[list[int]], manifest: dict[str, Any]) -> d
                 f.write(("," if n else "") + json.dumps(rec))
                 n += 1
         f.write("]")
-    manifest.update(finished=True, num_instances=n,
-                    finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    manifest.update(finished=True, num_instances=n, finished_at=now())
     write_json(manifest, manifest_path(out), indent=2)
     shutil.rmtree(parts_dir(out), ignore_errors=True)
     return manifest
@@ -204,17 +219,12 @@ def generate_pseudo_labels(teacher: Any, images: str | Path, out: str | Path, *,
         raise CastsegError("--batch-size and --chunk-size must be ≥ 1")
     source, out = Path(images), Path(out)
     ds = UnlabeledImageDataset(source, images_root, strong_view=False)
-    names, cats, cat_ids = _classes(source, images_root, teacher, class_names)
+    names, cats, cat_ids = cache_classes(source, images_root, teacher, class_names)
     rank, world = dist_info()
     chunk_ids = [[it[0] for it in ds.items[s:s + chunk_size]] for s in range(0, len(ds), chunk_size)]
     info = teacher_info or {"sha256": None, "config": {"class": type(teacher).__name__}}
-    manifest = {"format": FORMAT, "format_version": 1, "castseg_version": __version__,
-                "teacher_sha256": info["sha256"], "teacher": info, "class_names": names, "categories": cats,
-                "min_score": float(min_score), "max_size": max_size, "chunk_size": int(chunk_size),
-                "images": str(source), "images_sha256": images_sha256(source, ds), "num_images": len(ds),
-                "num_instances": None, "finished": False,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if _on_rank0(lambda: _prepare(out, manifest, overwrite, restart_changed), rank, world) == "done":
+    manifest = new_manifest(source, ds, info, names, cats, min_score, max_size, chunk_size)
+    if _on_rank0(lambda: prepare_cache(out, manifest, overwrite, restart_changed), rank, world) == "done":
         return read_json(manifest_path(out))
 
     mine = [k for k in range(len(chunk_ids)) if k % world == rank]
