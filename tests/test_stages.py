@@ -127,7 +127,7 @@ def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
                                "quality": label_quality(truth, read_json(file), 0.3)}, key
     assert "premise_ratio" in metrics and metrics["premise_ratio"] == premise_ratio(metrics)
     out = capsys.readouterr().out
-    assert "pseudo-labels of teacher adapt/a: AP" in out and "premise: adapted teacher / supervised-only" in out
+    assert "pseudo-labels of adapt/a: AP" in out and "premise: adapted teacher / supervised-only" in out
 
     # a changed distill budget: refused by default, with one line naming the change and the way out
     changed = [*base, "distill.train.max_steps=4"]

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 PREMISE = "premise: adapted teacher / supervised-only student"
 # metrics["pseudo_labels"] keys (the cache files' stems) → the stage whose teacher made them
-PSEUDO_LABEL_SOURCES = {"adapt_a": "adapt/a", "teacher": "adapt/c"}
+# ("imported": the cache `castseg distill --pseudo-labels` was given, made elsewhere)
+PSEUDO_LABEL_SOURCES = {"adapt_a": "adapt/a", "teacher": "adapt/c", "imported": "given cache"}
 
 
 def premise_ratio(metrics: dict[str, Any]) -> float | None:

@@ -43,7 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            "unlabeled_gt.json; sets data.unlabeled_gt): the pseudo-labels' AP against it goes "
                            "into metrics.json and the report; no stage trains on it")
         if verb == "distill":
-            p.add_argument("--teacher", default=None, help="adapted teacher checkpoint (default: this run's adapt/c)")
+            src = p.add_mutually_exclusive_group()
+            src.add_argument("--teacher", default=None, help="adapted teacher checkpoint (default: this run's adapt/c)")
+            src.add_argument("--pseudo-labels", metavar="P.json", default=None,
+                             help="train on this pseudo-label cache instead of running a teacher (from `castseg "
+                             "pseudo-label`, e.g. --predictions of a model run elsewhere)")
         if verb == "refine":
             p.add_argument("--init", default=None, help="student checkpoint to refine (default: this run's distill)")
         p.set_defaults(func=run, verb=verb)
@@ -77,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         metrics = stages.run_all(cfg, run_dir, resume)
     elif args.verb == "adapt":
         run_checks.merge_rows(metrics, stages.run_adapt(cfg, run_dir, resume)[1])
+    elif args.verb == "distill" and args.pseudo_labels:
+        cache = Path(args.pseudo_labels)
+        run_checks.merge_rows(metrics, run_checks.pseudo_label_rows(cfg, "imported", cache))
+        run_checks.merge_rows(metrics, stages.distill_from_cache(cfg, run_dir, cache, resume)[1])
     elif args.verb == "distill":
         adapted = run_dir / "adapt" / "c"
         # a composite (grounded-SAM) teacher is saved in its own format beside the checkpoints
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     for key, label in run_checks.PSEUDO_LABEL_SOURCES.items():
         if key in pseudo:
             row = pseudo[key]
-            print(f"  pseudo-labels of teacher {label}: AP {row['AP']:.3f}  AP50 {row['AP50']:.3f} on the "
+            print(f"  pseudo-labels of {label}: AP {row['AP']:.3f}  AP50 {row['AP50']:.3f} on the "
                   f"{pseudo['num_images']} unlabeled images ({pseudo['ground_truth']})")
             if row.get("quality"):
                 print(f"    {run_checks.quality_text(row['quality'])}")

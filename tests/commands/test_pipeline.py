@@ -1,0 +1,33 @@
+"""`castseg distill --pseudo-labels`: stage 2 from a cache made elsewhere, no teacher run."""
+
+from __future__ import annotations
+
+import json
+
+from castseg import cli
+from castseg.engine.checkpointing import STATE_JSON
+
+
+def test_distill_from_an_imported_cache(tiny_run, capsys):
+    """The unlabeled images' own labels imported as the cache: stage 2 trains on it, scores it
+    against the same labels (AP 1, nothing merged) and never runs a teacher."""
+    root, splits = tiny_run, tiny_run / "splits"
+    cache = root / "gt_cache.json"
+    assert cli.main(["pseudo-label", "--predictions", str(splits / "unlabeled_gt.json"),
+                     "--images", str(splits / "unlabeled.json"), "--out", str(cache)]) == 0
+    assert cli.main(["distill", str(root / "tiny.yaml"), "train.max_steps=2", "--runs", str(root / "runs"),
+                     "--pseudo-labels", str(cache), "--unlabeled-gt", str(splits / "unlabeled_gt.json")]) == 0
+    run = root / "runs" / "tiny"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student_distilled"]["AP"] is not None
+    assert json.loads((run / "distill" / "checkpoints" / "last" / STATE_JSON).read_text())["step"] == 2
+    row = metrics["pseudo_labels"]["imported"]
+    assert row["file"] == str(cache) and row["AP"] == 1.0
+    assert row["quality"]["precision"] == row["quality"]["recall"] == 1.0 and row["quality"]["merged"] == 0
+    assert not (run / "pseudo_labels").exists()  # no teacher pass
+    assert "pseudo-labels of given cache: AP 1.000" in capsys.readouterr().out
+
+    code = cli.main(["distill", str(root / "tiny.yaml"), "--runs", str(root / "runs2"),
+                     "--pseudo-labels", str(root / "missing.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "missing.json" in err[0] and "manifest" in err[0]
