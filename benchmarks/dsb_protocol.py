@@ -13,7 +13,7 @@ grey DSB2018 train images by ``tools/train_standins.py``) with the demo's CPU pr
 
 Variants (``--variants``): ``table1`` (all stages + supervised-only: the Table-1 analogue),
 ``fractionF`` (table1 with F% labels), ``noadapt`` (distil from the un-adapted teacher, then
-refine), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
+refine, and the supervised-only student beside it), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
 +L_semi, +L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
 ``_class`` (L_pxl's negative sampler; ``table1`` is fused), ``supervised`` (the supervised-only
 student alone), ``oracle`` (the supervised-only student on the labeled *and* the unlabeled
@@ -134,6 +134,13 @@ def stage2_only(variant: str, cfg, protocol: str, seed: int, out: Path, run_dir:
     return stages.distill_from_cache(cfg, run_dir, cache)[1]
 
 
+def supervised_only(cfg, run_dir: Path) -> dict:
+    """The supervised-only student from θ_s⁰ with the ``supervised`` budget."""
+    from castseg import stages
+
+    return stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_supervised", name="supervised")
+
+
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     from castseg import stages
     from castseg.commands.demo import classical_baseline
@@ -146,7 +153,9 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     table = variant == "table1" or variant.startswith("fraction")
     metrics = json.loads(done.read_text()) if done.is_file() else {}
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
-    if metrics.get("complete") and not classical_missing:
+    # noadapt pairs with its own supervised-only row, like table1 (also runs finished before it had one)
+    supervised_missing = variant == "noadapt" and metrics.get("complete") and "student_supervised" not in metrics
+    if metrics.get("complete") and not classical_missing and not supervised_missing:
         return metrics
     cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, [])], out, oracle=variant == "oracle")
     if not metrics.get("complete"):
@@ -158,10 +167,9 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         elif variant == "noadapt":
             metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg.teacher.path, cfg)}
             student, rows = stages.run_distill(cfg, run_dir, cfg.teacher.path)
-            metrics.update(rows, **stages.run_refine(cfg, run_dir, student))
+            metrics.update(rows, **stages.run_refine(cfg, run_dir, student), **supervised_only(cfg, run_dir))
         elif variant == "supervised":  # the baseline alone, e.g. its learning curve with train.val_every
-            metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_supervised",
-                                        name="supervised")
+            metrics = supervised_only(cfg, run_dir)
         elif variant == "oracle":
             metrics = stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_oracle",
                                         name="supervised")
@@ -170,6 +178,8 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         else:
             sys.exit(f"unknown variant {variant!r}")
         metrics.update(complete=True, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    if supervised_missing:
+        metrics.update(supervised_only(cfg, run_dir))
     if classical_missing:  # the training-free reference, as in `castseg demo`
         metrics["classical_baseline"] = classical_baseline(Path(cfg.data.val), cfg.eval.max_dets)
     write_json(metrics, done, indent=1)
