@@ -221,11 +221,12 @@ def _mean_sd(vals: list[float]) -> str:
             f"({', '.join(f'{v:.2f}' for v in vals)})")
 
 
-def _extra_rows(runs: list[dict]) -> list[str]:
+def _extra_rows(runs: list[dict], variant: str) -> list[str]:
     """The pseudo-labels' AP on the unlabeled images and the premise ratio (CAST needs > 1)."""
     lines = []
+    distiller = "θ_T⁰ (distill, no stage 1)" if variant == "noadapt" else "θ_T'' (distill)"
     for key, label in (("adapt_a", "pseudo-labels of θ_T' (stage 1b)"),
-                       ("teacher", "pseudo-labels of θ_T'' (distill)")):
+                       ("teacher", f"pseudo-labels of {distiller}")):
         got = [(m.get("pseudo_labels") or {}).get(key) for m in runs]
         if got and all(got):
             lines.append(f"| {label}, vs the unlabeled images' own labels | {_mean_sd([g['AP'] for g in got])} | "
@@ -280,7 +281,7 @@ def render(out: Path) -> str:
                         for metric in ("AP", "AP50")}
                 lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
                              f"{_mean_sd(diff['AP50'])} |")
-            lines += _extra_rows(list(seeds.values()))
+            lines += _extra_rows(list(seeds.values()), variant)
             lines += _oracle_rows(seeds, runs.get("table1", {}))
             lines.append("")
     eff = out / "efficiency.json"
