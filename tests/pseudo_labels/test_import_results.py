@@ -100,14 +100,25 @@ def test_a_bad_record_is_named_and_nothing_is_written(labelled: Path, tmp_path: 
     assert not out.exists() and not Path(str(out) + ".manifest.json").exists()
 
 
-def test_a_coco_json_of_other_images_is_refused(labelled: Path, tmp_path: Path):
+def test_a_coco_json_is_matched_by_file_name(labelled: Path, tmp_path: Path):
+    """Other image ids, same files: each annotation lands on its file's image; a file that is
+    not among the images is refused."""
     data = json.loads(labelled.read_text())
-    data["images"][0]["file_name"], data["images"][1]["file_name"] = (data["images"][1]["file_name"],
-                                                                      data["images"][0]["file_name"])
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({**data, "images_root": str(labelled.parent / load_coco(labelled).images_root)}))
-    with pytest.raises(InputError, match="image id .* is .* there but"):
-        import_pseudo_labels(other, labelled, tmp_path / "cache.json")
+    root = str(labelled.parent / load_coco(labelled).images_root)
+    for img in data["images"]:
+        img["id"] += 1000
+    for a in data["annotations"]:
+        a["image_id"] += 1000
+    renumbered = tmp_path / "renumbered.json"
+    renumbered.write_text(json.dumps({**data, "images_root": root}))
+    import_pseudo_labels(renumbered, labelled, tmp_path / "a.json")
+    import_pseudo_labels(labelled, labelled, tmp_path / "b.json")
+    got, want = (load_pseudo_labels(tmp_path / f, labelled) for f in ("a.json", "b.json"))
+    assert got == want and sum(len(v["masks"]) for v in got.values()) == 9
+    data["images"][0]["file_name"] = "elsewhere.png"
+    renumbered.write_text(json.dumps({**data, "images_root": root}))
+    with pytest.raises(InputError, match="1 of its images are not images of .*first: 'elsewhere.png'"):
+        import_pseudo_labels(renumbered, labelled, tmp_path / "c.json")
 
 
 def test_cli_imports_predictions_and_fails_in_one_line(labelled: Path, tmp_path: Path, capsys):

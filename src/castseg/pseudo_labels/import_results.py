@@ -74,21 +74,27 @@ def import_pseudo_labels(predictions: str | Path, images: str | Path, out: str |
                          images_root: str | Path | None = None, class_names: Sequence[str] | None = None,
                          min_score: float = 0.05, overwrite: bool = False) -> dict[str, Any]:
     """Write ``predictions`` (COCO results list, or COCO json with annotations) for ``images``
-    (COCO json or folder) as the cache ``out``. Records below ``min_score`` are dropped; a
-    record for another image, an unknown category, a segmentation that does not fit its image or
-    a COCO json whose image ids name other files is an :class:`InputError`. A finished cache of
+    (COCO json or folder) as the cache ``out``. Categories are the images json's; for a folder
+    of images, a COCO json's own, else ``class_names`` as ids 1..C. Records below ``min_score``
+    are dropped; a record for another image, an unknown category, a segmentation that does not fit its image or
+    a COCO json with images not in ``images`` is an :class:`InputError`; a COCO json's images are
+    matched to ``images`` by file name. A finished cache of
     the same predictions is reused, one of others refused unless ``overwrite``. Returns the
     manifest."""
     source, predictions, out = Path(images), Path(predictions), Path(out)
     ds = UnlabeledImageDataset(source, images_root, strong_view=False)
     records, pred_cats, pred_files = _records(predictions)
-    if not class_names and not source.is_file() and pred_cats:
-        class_names = [c["name"] for c in pred_cats]  # a folder of images: the predictions name the classes
-    names, cats, _ = cache_classes(source, images_root, None, class_names)
-    files = {it[0]: it[1] for it in ds.items}
-    for image_id, name in pred_files.items():
-        if image_id in files and files[image_id] != name:
-            raise InputError(predictions, f"image id {image_id} is {name!r} there but {files[image_id]!r} in {source}")
+    if source.is_file() or not pred_cats:
+        names, cats, _ = cache_classes(source, images_root, None, class_names)
+    else:  # a folder of images has no categories: a COCO json's own are the cache's
+        names, cats = [c["name"] for c in pred_cats], pred_cats
+    if pred_files:  # a COCO json: its images are the images to label by file name, whatever their ids
+        by_name = {it[1]: it[0] for it in ds.items}
+        other = sorted(n for n in pred_files.values() if n not in by_name)
+        if other:
+            raise InputError(predictions, f"{len(other)} of its images are not images of {source} "
+                             f"(first: {other[0]!r})")
+        records = [{**r, "image_id": by_name[pred_files[r["image_id"]]]} for r in records]
     sizes, cat_ids = _image_sizes(ds), {c["id"] for c in cats}
     # every record is checked before anything is written: a bad file leaves no half-made cache
     kept = [_check(r, i, predictions, sizes, cat_ids) for i, r in enumerate(records)]
