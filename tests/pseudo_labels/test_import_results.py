@@ -107,6 +107,7 @@ def test_a_coco_json_is_matched_by_file_name(labelled: Path, tmp_path: Path):
     root = str(labelled.parent / load_coco(labelled).images_root)
     for img in data["images"]:
         img["id"] += 1000
+    data["images"].reverse()  # nor are they in the same order
     for a in data["annotations"]:
         a["image_id"] += 1000
     renumbered = tmp_path / "renumbered.json"
