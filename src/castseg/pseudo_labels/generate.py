@@ -71,7 +71,7 @@ def _part(out: Path, k: int) -> Path:
 
 
 def cache_classes(source: Path, images_root: Any, teacher: Any, class_names: Sequence[str] | None
-             ) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+                  ) -> tuple[list[str], list[dict[str, Any]], list[int]]:
     """``(class names to predict, categories for the manifest, category id of each class)``.
     Categories are the images json's (so labels match the labeled split's), else 1..C."""
     cats: list[dict[str, Any]] = []
