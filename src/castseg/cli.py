@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = console.set_verbosity(quiet=args.quiet, verbose=args.verbose)
     logger.debug(f"castseg {__version__}: {args.command} {({k: v for k, v in vars(args).items() if k != 'func'})}")
+    succeeded = False
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        succeeded = rc == 0
+        return rc
     except CastsegError as e:
         print(f"castseg {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -79,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     finally:
-        _leave_process_group()
+        _leave_process_group(synchronize=succeeded)
         logging.getLogger(console.ROOT).setLevel(level)  # in-process callers (tests) keep their level
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(synchronize: bool) -> None:
     if "torch.distributed" in sys.modules:  # not imported: no command joined a process group
         from castseg.engine.distributed import cleanup_distributed
 
-        cleanup_distributed()
+        cleanup_distributed(synchronize)
 
 
 if __name__ == "__main__":

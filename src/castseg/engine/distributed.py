@@ -79,11 +79,21 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(synchronize: bool = False) -> None:
     """Destroy the process group this process joined, if any. Left to interpreter exit, gloo's
     threads may still be running when the process dies ("terminate called without an active
-    exception", SIGABRT), failing a run whose work was complete."""
+    exception", SIGABRT), failing a run whose work was complete.
+
+    ``synchronize``: wait for every rank first (for a command that succeeded). Rank 0 hosts the
+    rendezvous store and often finishes last (it writes the files); a peer tearing its pairs down
+    while rank 0 still sends is what aborted a finished run at exit. After a failure there is no
+    barrier: the other ranks may never reach it (torchrun stops them)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
         dist.destroy_process_group()
 
 
