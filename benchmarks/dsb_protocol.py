@@ -87,13 +87,17 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path, oracle: bo
 def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path, oracle: bool = False):
     from castseg.commands.demo import asset, standins
     from castseg.config import load_config, with_values
+    from castseg.engine.distributed import resolve_device
 
     files = split_files(protocol, seed, fraction, out, oracle)
     cfg = load_config(asset("demo.yaml"), [*PROTOCOL_OVERRIDES[protocol], f"train.seed={seed}", *extra])
     teacher, student = standins()
+    spec = {"type": "checkpoint", "path": str(teacher)}
+    if resolve_device(cfg.train.device).type == "cuda":  # pseudo-label where it trains (CPU runs: as before)
+        spec["device"] = "cuda"
     return with_values(cfg, {**{f"data.{k}": str(files[k].resolve()) for k in ("labeled", "unlabeled", "val",
                                                                              "unlabeled_gt") if k in files},
-                             "teacher": {"type": "checkpoint", "path": str(teacher)},
+                             "teacher": spec,
                              "model.init_from": str(student)}, "dsb_protocol")
 
 
