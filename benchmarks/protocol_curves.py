@@ -34,14 +34,15 @@ def cast_curve(run: Path) -> Curve:
     return {**distill, **read_curve(run / "refine", offset=max(distill, default=0))} if distill else {}
 
 
-def baseline(run: Path, variant: str) -> Curve:
-    """The supervised-only student to compare ``run`` with: its own, or (oracle) the seed's."""
+def baseline(run: Path, variant: str, last_step: int) -> Curve:
+    """The supervised-only student to compare ``run`` with: its own, or (oracle) the seed's that
+    reaches ``last_step`` (the oracle's)."""
     if variant != "oracle":
         return read_curve(run / "supervised")
     seed = run.name.rsplit("_s", 1)[1]
     for name in ("supervised", "noadapt", "table1"):  # the same split and schedule in each
         curve = read_curve(run.parent / f"{name}_s{seed}" / "supervised")
-        if curve and max(curve) >= max(read_curve(run / "supervised"), default=0):
+        if curve and max(curve) >= last_step:
             return curve
     return {}
 
@@ -60,7 +61,8 @@ def table(variant: str, runs: dict[int, Path]) -> list[str]:
     label = "oracle, all train labels" if variant == "oracle" else f"{variant}: distill → refine"
     rows, diffs = [], {}
     for seed, run in sorted(runs.items()):
-        mine, base = student(run, variant), baseline(run, variant)
+        mine = student(run, variant)
+        base = baseline(run, variant, max(mine, default=0))
         rows += [(f"seed {seed}: {label}", mine), (f"seed {seed}: supervised-only", base)]
         for step in mine.keys() & base.keys():
             diffs.setdefault(step, {})[seed] = mine[step] - base[step]

@@ -1,7 +1,6 @@
 """Leaving the process group: a finished command waits for every rank before tearing it down."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from castseg.engine.distributed import cleanup_distributed
 
 
 def _leave(rank: int, folder: str, synchronize: bool) -> None:
-    os.environ.update(OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     if rank == 0:  # rank 0 finishes last, as when it writes the command's files
         time.sleep(1.0)

@@ -90,10 +90,7 @@ def cleanup_distributed(synchronize: bool = False) -> None:
     barrier: the other ranks may never reach it (torchrun stops them)."""
     if dist.is_available() and dist.is_initialized():
         if synchronize:
-            if dist.get_backend() == "nccl":
-                dist.barrier(device_ids=[torch.cuda.current_device()])
-            else:
-                dist.barrier()
+            _wait_for_every_rank()
         dist.destroy_process_group()
 
 
@@ -104,10 +101,15 @@ def _comm_device(info: DistInfo) -> torch.device:
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[info.device.index])
-        else:
-            dist.barrier()
+        _wait_for_every_rank(info.device.index)
+
+
+def _wait_for_every_rank(cuda_index: int | None = None) -> None:
+    """``dist.barrier`` on the joined group; NCCL's needs this rank's GPU (default: the current one)."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device() if cuda_index is None else cuda_index])
+    else:
+        dist.barrier()
 
 
 def all_reduce_mean(values: list[float], info: DistInfo) -> list[float]:
