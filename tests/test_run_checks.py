@@ -124,6 +124,21 @@ def test_unlabeled_gt_errors_name_both_files(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'r.json'}: 1 image id(s)") and str(gt_path) in str(e.value)
 
 
+def test_quality_counts_the_instances_the_cleanup_leaves(tmp_path):
+    """With ``loss.pseudo_label_overlaps: exclusive`` the report counts what L_semi is taught: a
+    duplicate of every nucleus halves precision raw and is gone cleaned; AP stays the teacher's."""
+    unlabeled, gt_path = write_gt(tmp_path)
+    recs = json.loads(results(tmp_path / "r.json").read_text())
+    (tmp_path / "dup.json").write_text(json.dumps(recs + [{**r, "score": 0.5} for r in recs]))
+    raw = cfg_for(unlabeled, gt_path)
+    clean = raw.model_copy(update={"loss": raw.loss.model_copy(update={"pseudo_label_overlaps": "exclusive"})})
+    before, after = (pseudo_label_rows(c, "teacher", tmp_path / "dup.json")["pseudo_labels"]["teacher"]
+                     for c in (raw, clean))
+    assert (before["quality"]["pseudo_labels"], before["quality"]["precision"]) == (8, 0.5)
+    assert (after["quality"]["pseudo_labels"], after["quality"]["precision"]) == (4, 1.0)
+    assert after["AP"] == before["AP"]
+
+
 QUALITY = {"score_threshold": 0.3, "pseudo_labels": 8, "truth": 10, "matched": 4, "precision": 0.5,
            "recall": 0.4, "merged": 2, "off_target": 1}
 PSEUDO = {"ground_truth": "splits/unlabeled_gt.json", "num_images": 6,

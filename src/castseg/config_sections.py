@@ -162,8 +162,12 @@ class LossConfig(Section):
     num_points: int = 12544                  # points per mask of the set loss (Mask2Former's 112²)
     score_threshold: float = 0.3             # pseudo-labels below it are dropped (L_semi)
     weight_by_score: bool = False            # weight each pseudo-label instance by its score
+    # Cleaning L_semi's pseudo-labels when read (castseg.pseudo_labels.clean); off by default.
+    pseudo_label_overlaps: Literal["keep", "exclusive"] = "keep"  # exclusive: one instance per pixel
+    pseudo_label_split: bool = False         # split pieces and touching convex objects apart
+    pseudo_label_min_area: int = 0           # drop pseudo-labels under this many pixels
 
-    _non_negative = _at_least(0, False, "lambda_semi", "lambda_pxl")
+    _non_negative = _at_least(0, False, "lambda_semi", "lambda_pxl", "pseudo_label_min_area")
     _positive = _at_least(0, True, "temperature", "num_negatives", "max_anchors", "num_points")
 
 

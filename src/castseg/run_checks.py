@@ -99,14 +99,17 @@ def pseudo_label_ap(gt: CocoData, results: str | Path | list[dict[str, Any]], ma
 def pseudo_label_rows(cfg: RunConfig, key: str, results: str | Path) -> dict[str, Any]:
     """``{"pseudo_labels": {key: {AP, AP50, file, quality}, ground_truth, num_images}}`` when
     ``data.unlabeled_gt`` is set, else ``{}``. ``quality``: what L_semi's instances (score ≥
-    ``loss.score_threshold``) get right and wrong (:mod:`castseg.eval.pseudo_label_quality`)."""
+    ``loss.score_threshold``, cleaned as ``loss`` asks) get right and wrong
+    (:mod:`castseg.eval.pseudo_label_quality`); AP is the teacher's, of the whole cache."""
     from castseg.eval.pseudo_label_quality import label_quality
+    from castseg.pseudo_labels.clean import Cleanup, clean_records
 
     gt = load_unlabeled_gt(cfg)
     if gt is None:
         return {}
     records = _records(gt, results)
-    quality = label_quality(gt, records, cfg.loss.score_threshold)
+    threshold = cfg.loss.score_threshold
+    quality = label_quality(gt, clean_records(records, Cleanup.from_loss(cfg.loss), threshold), threshold)
     return {"pseudo_labels": {"ground_truth": str(gt.path), "num_images": len(gt.images),
                               key: {**pseudo_label_ap(gt, records, cfg.eval.max_dets), "file": str(results),
                                     "quality": quality}}}

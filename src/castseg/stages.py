@@ -40,6 +40,7 @@ from castseg.models import build_student, load_checkpoint
 from castseg.models.teacher_factory import build_teacher
 from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher, read_manifest
 from castseg.pseudo_labels.cache import IDENTITY_KEYS
+from castseg.pseudo_labels.clean import CLEANUP_KEYS, Cleanup
 from castseg.trainable import CastTrainable, Trainable
 
 Metrics = dict[str, Any]
@@ -52,7 +53,8 @@ def stage_inputs(cfg: RunConfig, lambda_semi: float, lambda_pxl: float, pseudo_l
     images, options: a retrained teacher's cache is another one)."""
     data, loss = cfg.data, cfg.loss
     used = ["num_points"] + (["temperature", "num_negatives", "sampler", "max_anchors"] if lambda_pxl > 0 else []) \
-        + (["score_threshold", "weight_by_score"] if lambda_semi > 0 else [])
+        + (["score_threshold", "weight_by_score"] if lambda_semi > 0 else []) \
+        + (CLEANUP_KEYS if lambda_semi > 0 and Cleanup.from_loss(loss).active else [])
     views = data.model_dump(mode="json", exclude={"labeled", "unlabeled", "val", "unlabeled_gt", "images_root"})
     if data.val and not Path(data.val).is_file():  # found now rather than after the stage's training
         raise InputError(data.val, "data.val: no such file (expected a COCO instances json)")
@@ -78,7 +80,7 @@ def _streams(cfg: RunConfig, batch_size: int, workers: int, strong: bool, lambda
             raise CastsegError(f"stage {name}: λ_semi > 0 needs pseudo-labels of the unlabeled set")
         ds = PseudoLabeledDataset(data.unlabeled, pseudo_labels, score_threshold=loss.score_threshold,
                                   transform=weak, strong_view=strong, weight_by_score=loss.weight_by_score,
-                                  images_root=data.images_root)
+                                  images_root=data.images_root, cleanup=Cleanup.from_loss(loss))
         streams["unlabeled"] = BatchStream(ds, data.unlabeled_batch_size or batch_size, collate_fn=collate,
                                            num_workers=workers)
     return streams

@@ -19,6 +19,7 @@ from castseg.data.dataset import UnlabeledImageDataset
 from castseg.data.split import sha256_file
 from castseg.data.transforms import StrongView
 from castseg.errors import InputError
+from castseg.pseudo_labels.clean import Cleanup, clean_instances
 
 FORMAT = "castseg-pseudo-labels"
 # What must match for a pass to resume, or for a finished cache to count as done.
@@ -108,13 +109,15 @@ class PseudoLabeledDataset(Dataset):
     images json's order), ``ignore`` / ``valid`` bool [H,W], ``image_id``, ``orig_size``, plus
     ``scores`` float32 [N] (teacher scores) and ``weights`` float32 [N] (the scores with
     ``weight_by_score``, else ones: per-instance loss weights), and ``image_strong`` when
-    ``strong_view``. Instances with score < ``score_threshold`` are dropped."""
+    ``strong_view``. Instances with score < ``score_threshold`` are dropped, the rest cleaned by
+    ``cleanup`` (:mod:`castseg.pseudo_labels.clean`) before the transform."""
 
     def __init__(self, images: str | Path, pseudo_labels: str | Path, score_threshold: float = 0.3,
                  transform: Callable[[dict], dict] | None = None, strong_view: bool | StrongView = False,
                  weight_by_score: bool = False, images_root: str | Path | None = None,
-                 max_per_image: int | None = None):
+                 max_per_image: int | None = None, cleanup: Cleanup = Cleanup()):
         self.pseudo_labels = Path(pseudo_labels)
+        self.cleanup = cleanup
         self.base = UnlabeledImageDataset(images, images_root, strong_view=False)
         self.labels = load_pseudo_labels(pseudo_labels, images, score_threshold, max_per_image, images_root)
         cats = read_manifest(pseudo_labels)["categories"]
@@ -136,10 +139,11 @@ class PseudoLabeledDataset(Dataset):
             if list(rle.get("size", [])) != [h, w]:
                 raise InputError(self.pseudo_labels, f"image id={sample['image_id']}: mask size {rle.get('size')} "
                                  f"is not the image's [{h}, {w}]")
-        masks = [M.decode(rle).astype(bool) for rle in entry["masks"]]
-        scores = torch.tensor(entry["scores"], dtype=torch.float32)
-        sample.update(masks=torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool),
-                      labels=torch.tensor([self.label_of[c] for c in entry["category_ids"]], dtype=torch.int64),
+        masks, source = clean_instances(np.stack([M.decode(rle).astype(bool) for rle in entry["masks"]])
+                                        if entry["masks"] else np.zeros((0, h, w), dtype=bool), self.cleanup)
+        scores = torch.tensor(entry["scores"], dtype=torch.float32)[torch.from_numpy(source)]
+        labels = torch.tensor([self.label_of[c] for c in entry["category_ids"]], dtype=torch.int64)
+        sample.update(masks=torch.from_numpy(masks), labels=labels[torch.from_numpy(source)],
                       ignore=torch.zeros(h, w, dtype=torch.bool), ann_ids=torch.arange(len(masks)))
         if self.transform is not None:
             # Transforms drop instances that leave the crop and keep "ann_ids" aligned with them.
