@@ -5,9 +5,11 @@ Reads the ``val_metrics.jsonl`` that every stage of ``benchmarks/dsb_protocol.py
 run with ``train.val_every``. The CAST student's curve is stage 2's followed by stage 3's, which
 continues its step count (distill 900 + refine 100 = 1000 student steps). The supervised-only
 student of the same run folder, or, for ``oracle``, the ``supervised`` variant of the same seed,
-is the baseline::
+is the baseline. ``--versus V`` adds each variant's CAST student minus variant V's, paired by
+seed (e.g. the effect of cleaning the pseudo-labels)::
 
     python benchmarks/protocol_curves.py --out runs/curves --variants noadapt oracle
+    python benchmarks/protocol_curves.py --out runs/curves --variants noadapt_clean --versus noadapt
 """
 
 from __future__ import annotations
@@ -57,24 +59,35 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(variant: str, runs: dict[int, Path]) -> list[str]:
+def _paired(diffs: dict[int, dict[int, float]], steps: list[int], seeds: int, name: str) -> tuple[str, list[int]]:
+    """A table row of the paired differences at the steps where every seed has one."""
+    every = [s for s in steps if len(diffs.get(s, {})) == seeds]
+    return (f"| {name}, paired by seed | " + " | ".join(_fmt(list(diffs[s].values())) if s in every else ""
+                                                        for s in steps) + " |"), every
+
+
+def table(variant: str, runs: dict[int, Path], versus: tuple[str, dict[int, Path]] | None = None) -> list[str]:
     label = "oracle, all train labels" if variant == "oracle" else f"{variant}: distill → refine"
-    rows, diffs = [], {}
+    rows, diffs, other = [], {}, {}
     for seed, run in sorted(runs.items()):
         mine = student(run, variant)
         base = baseline(run, variant, max(mine, default=0))
         rows += [(f"seed {seed}: {label}", mine), (f"seed {seed}: supervised-only", base)]
         for step in mine.keys() & base.keys():
             diffs.setdefault(step, {})[seed] = mine[step] - base[step]
+        theirs = cast_curve(versus[1][seed]) if versus and seed in versus[1] else {}
+        for step in mine.keys() & theirs.keys():
+            other.setdefault(step, {})[seed] = mine[step] - theirs[step]
     steps = sorted({s for _, c in rows for s in c})
     if not steps:
         return []
     lines = [f"**{variant}** (mask AP %, seeds {sorted(runs)})", "",
              "| student step | " + " | ".join(map(str, steps)) + " |", "|---|" + "---|" * len(steps)]
     lines += [f"| {name} | " + " | ".join(f"{c[s]:.2f}" if s in c else "" for s in steps) + " |" for name, c in rows]
-    every = [s for s in steps if len(diffs.get(s, {})) == len(runs)]  # paired on every seed
-    lines.append(f"| {label.split(':')[0]} − supervised-only, paired by seed | "
-                 + " | ".join(_fmt(list(diffs[s].values())) if s in every else "" for s in steps) + " |")
+    row, every = _paired(diffs, steps, len(runs), f"{label.split(':')[0]} − supervised-only")
+    lines.append(row)
+    if versus:
+        lines.append(_paired(other, steps, len(runs), f"{variant} − {versus[0]}")[0])
     if every:
         last = diffs[every[-1]]
         lines += ["", f"At step {every[-1]}, per seed: " + ", ".join(f"{v:+.2f}" for _, v in sorted(last.items()))
@@ -88,11 +101,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="the --out folder of dsb_protocol.py")
     ap.add_argument("--protocol", default="domain", choices=["domain", "dsb664"])
     ap.add_argument("--variants", nargs="+", default=["noadapt", "table1", "oracle"])
+    ap.add_argument("--versus", help="a CAST variant to subtract from each, paired by seed and step")
     args = ap.parse_args()
-    for variant in args.variants:
-        runs = {int(p.name.rsplit("_s", 1)[1]): p for p in sorted((args.out / args.protocol).glob(f"{variant}_s*"))
+
+    def runs_of(variant: str) -> dict[int, Path]:
+        return {int(p.name.rsplit("_s", 1)[1]): p for p in sorted((args.out / args.protocol).glob(f"{variant}_s*"))
                 if p.name.rsplit("_s", 1)[1].isdigit()}
-        print("\n".join(table(variant, runs)))
+
+    versus = (args.versus, runs_of(args.versus)) if args.versus else None
+    for variant in args.variants:
+        print("\n".join(table(variant, runs_of(variant), versus)))
 
 
 if __name__ == "__main__":
