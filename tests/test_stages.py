@@ -146,6 +146,20 @@ def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
     assert len((run_dir / "distill" / "log.csv").read_text().splitlines()) == 5  # header + 4 steps
     assert (run_dir / "distill.stale-1" / "checkpoints" / "last" / "model.json").is_file()
 
+    # cleaning the pseudo-labels changes what every stage that learns from them sees (stage 1c,
+    # distill) and what the quality row counts; the supervised-only student is untouched
+    from castseg.pseudo_labels.clean import Cleanup, clean_records
+
+    assert cli.main([*changed, "--restart-changed", "loss.pseudo_label_overlaps=exclusive"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("adapt/c", "distill"):
+        assert f"[{stage}] settings changed since the earlier run" in err, stage
+    assert "[supervised] finished earlier with the same settings, reused" in err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    file = run_dir / "pseudo_labels" / "teacher.json"
+    assert metrics["pseudo_labels"]["teacher"]["quality"] == label_quality(
+        truth, clean_records(read_json(file), Cleanup(overlaps="exclusive"), 0.3), 0.3)
+
 
 def test_run_unlabeled_gt_errors_are_one_line_before_training(tiny_run, capsys):
     runs = tiny_run / "runs"
