@@ -13,8 +13,8 @@ grey DSB2018 train images by ``tools/train_standins.py``) with the demo's CPU pr
 
 Variants (``--variants``): ``table1`` (all stages + supervised-only: the Table-1 analogue),
 ``fractionF`` (table1 with F% labels), ``noadapt`` (distil from the un-adapted teacher, then
-refine, and the supervised-only student beside it), ``noadapt_clean`` (noadapt with the
-pseudo-labels cleaned: ``CLEAN``), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
+refine, and the supervised-only student beside it), ``noadapt_clean`` / ``table1_clean`` (noadapt /
+table1 with the pseudo-labels cleaned: ``CLEAN``), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
 +L_semi, +L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
 ``_class`` (L_pxl's negative sampler; ``table1`` is fused), ``supervised`` (the supervised-only
 student alone), ``oracle`` (the supervised-only student on the labeled *and* the unlabeled
@@ -57,7 +57,7 @@ PROTOCOL_OVERRIDES = {
 # Pseudo-label cleaning (castseg.pseudo_labels.clean) as chosen on θ_T⁰'s caches of seeds 0/1/2:
 # one instance per pixel, touching nuclei split, specks under 64 px dropped.
 CLEAN = ["loss.pseudo_label_overlaps=exclusive", "loss.pseudo_label_split=true", "loss.pseudo_label_min_area=64"]
-VARIANT_OVERRIDES = {"noadapt_clean": CLEAN}
+VARIANT_OVERRIDES = {"noadapt_clean": CLEAN, "table1_clean": CLEAN}
 ABLATIONS = {
     "loss_sup": ["loss.lambda_semi=0", "loss.lambda_pxl=0"], "loss_semi": ["loss.lambda_pxl=0"],
     "loss_pxl": ["loss.lambda_semi=0"], "sampler_uniform": ["loss.sampler=uniform"],
@@ -159,7 +159,7 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     fraction = int(variant[len("fraction"):]) / 100 if variant.startswith("fraction") else 0.1
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
-    table = variant == "table1" or variant.startswith("fraction")
+    table = variant in ("table1", "table1_clean") or variant.startswith("fraction")
     metrics = json.loads(done.read_text()) if done.is_file() else {}
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
     # noadapt pairs with its own supervised-only row, like table1 (also runs finished before it had one)

@@ -5,9 +5,10 @@
 # steps on this protocol (BENCHMARKS.md, "Is the student data-bound?"), about 4.5 h of a CPU core
 # per seed and arm. Here: per seed (one process each, side by side on the one GPU), in order of
 # what matters most, so a run cut short still returns the first ones:
-#   noadapt  distil 900 + refine 100 from θ_T⁰, and supervised-only 1000 from the same θ_s⁰
-#   noadapt_clean  the same with the pseudo-labels cleaned (dsb_protocol.CLEAN)
-#   table1   all of CAST (stage 1 as in the demo) with the same student budget
+#   noadapt_clean  distil 900 + refine 100 from θ_T⁰ with the pseudo-labels cleaned
+#                  (dsb_protocol.CLEAN), and supervised-only 1000 from the same θ_s⁰
+#   noadapt  the same, uncleaned
+#   table1_clean, table1   all of CAST (stage 1 as in the demo), cleaned and not, same budget
 #   oracle   supervised-only on all 91 train images' own labels, 1000 steps
 #
 # Here, once:   tools/gpu_wheels.sh      (what the device image lacks, into the ignored .whl/)
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_out} RUNS=${RUNS:-runs/gpu} DEVICE=${DEVICE:-cuda}
-SEEDS=${SEEDS:-0 1 2} VARIANTS=${VARIANTS:-noadapt noadapt_clean table1 oracle}
+SEEDS=${SEEDS:-0 1 2} VARIANTS=${VARIANTS:-noadapt_clean noadapt table1_clean table1 oracle}
 DISTILL=${DISTILL:-900} REFINE=${REFINE:-100} SUPERVISED=${SUPERVISED:-1000}
 BUDGET_S=${BUDGET_S:-480}  # the runs' share of the command's limit: rendering and packing follow
 mkdir -p "$OUT" "$RUNS"
