@@ -58,6 +58,12 @@ PROTOCOL_OVERRIDES = {
 # one instance per pixel, touching nuclei split, specks under 64 px dropped.
 CLEAN = ["loss.pseudo_label_overlaps=exclusive", "loss.pseudo_label_split=true", "loss.pseudo_label_min_area=64"]
 VARIANT_OVERRIDES = {"noadapt_clean": CLEAN, "table1_clean": CLEAN}
+
+
+def base_variant(variant: str) -> str:
+    """The variant whose stages ``variant`` runs (``noadapt_clean`` runs ``noadapt``'s)."""
+    return variant.removesuffix("_clean") if variant in VARIANT_OVERRIDES else variant
+
 ABLATIONS = {
     "loss_sup": ["loss.lambda_semi=0", "loss.lambda_pxl=0"], "loss_semi": ["loss.lambda_pxl=0"],
     "loss_pxl": ["loss.lambda_semi=0"], "sampler_uniform": ["loss.sampler=uniform"],
@@ -159,12 +165,12 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     fraction = int(variant[len("fraction"):]) / 100 if variant.startswith("fraction") else 0.1
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
-    table = variant in ("table1", "table1_clean") or variant.startswith("fraction")
+    base = base_variant(variant)
+    table = base == "table1" or variant.startswith("fraction")
     metrics = json.loads(done.read_text()) if done.is_file() else {}
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
     # noadapt pairs with its own supervised-only row, like table1 (also runs finished before it had one)
-    noadapt = variant.startswith("noadapt")
-    supervised_missing = noadapt and metrics.get("complete") and "student_supervised" not in metrics
+    supervised_missing = base == "noadapt" and metrics.get("complete") and "student_supervised" not in metrics
     if metrics.get("complete") and not classical_missing and not supervised_missing:
         return metrics
     cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, []), *VARIANT_OVERRIDES.get(variant, [])],
@@ -175,7 +181,7 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
         t0 = time.perf_counter()
         if table:
             metrics = stages.run_all(cfg, run_dir)
-        elif noadapt:
+        elif base == "noadapt":
             metrics = {"teacher_zero_shot": stages.evaluate_checkpoint(cfg.teacher.path, cfg)}
             student, rows = stages.run_distill(cfg, run_dir, cfg.teacher.path)
             metrics.update(rows, **stages.run_refine(cfg, run_dir, student), **supervised_only(cfg, run_dir))
@@ -235,7 +241,7 @@ def _mean_sd(vals: list[float]) -> str:
 def _extra_rows(runs: list[dict], variant: str) -> list[str]:
     """The pseudo-labels' AP on the unlabeled images and the premise ratio (CAST needs > 1)."""
     lines = []
-    distiller = "θ_T⁰ (distill, no stage 1)" if variant.startswith("noadapt") else "θ_T'' (distill)"
+    distiller = "θ_T⁰ (distill, no stage 1)" if base_variant(variant) == "noadapt" else "θ_T'' (distill)"
     for key, label in (("adapt_a", "pseudo-labels of θ_T' (stage 1b)"),
                        ("teacher", f"pseudo-labels of {distiller}")):
         got = [(m.get("pseudo_labels") or {}).get(key) for m in runs]

@@ -116,7 +116,8 @@ def clean_instances(masks: np.ndarray, cleanup: Cleanup) -> tuple[np.ndarray, np
 
 def clean_records(records: list[dict[str, Any]], cleanup: Cleanup, score_threshold: float) -> list[dict[str, Any]]:
     """COCO results with ``score ≥ score_threshold``, cleaned per image (what the student is
-    taught). Records of images with nothing to clean are returned as they are."""
+    taught): one record per cleaned instance, by descending score within each image, its mask
+    and bbox re-encoded. With an inactive ``cleanup`` the kept records are returned unchanged."""
     kept = [r for r in records if r["score"] >= score_threshold]
     if not cleanup.active:
         return kept
