@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from castseg.errors import CastsegError
 from castseg.model_rows import MODEL_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,4 +338,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CastsegError as e:  # e.g. a run folder holding stages trained with other settings: one line, no traceback
+        print(f"dsb_protocol: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
