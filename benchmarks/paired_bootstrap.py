@@ -19,11 +19,13 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from castseg.config import load_config
+from castseg.errors import CastsegError
 from castseg.eval.coco_eval import evaluate_coco, load_gt
 from castseg.evaluate import evaluate_model
 from castseg.pseudo_labels import load_teacher
@@ -35,7 +37,11 @@ ROWS = {"refined": "student_refined", "supervised": "student_supervised"}
 def predictions(run_dir: Path) -> dict[str, list[dict]]:
     """Val result records of each row's checkpoint, cached beside the run (``bootstrap/``)."""
     cfg = load_config(run_dir / "config.yaml")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    done = run_dir / "metrics.json"
+    metrics = json.loads(done.read_text()) if done.is_file() else {}
+    missing = [key for key in ROWS.values() if key not in metrics]
+    if missing:
+        raise SystemExit(f"{done}: lacks {', '.join(missing)} (run the variant to its end first)")
     out = {}
     for row, key in ROWS.items():
         path = run_dir / "bootstrap" / f"{row}.results.json"
@@ -114,4 +120,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CastsegError as e:  # e.g. no such run folder: one line, no traceback
+        print(f"paired_bootstrap: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
