@@ -13,9 +13,10 @@ grey DSB2018 train images by ``tools/train_standins.py``) with the demo's CPU pr
 
 Variants (``--variants``): ``table1`` (all stages + supervised-only: the Table-1 analogue),
 ``fractionF`` (table1 with F% labels), ``noadapt`` (distil from the un-adapted teacher, then
-refine, and the supervised-only student beside it), ``noadapt_clean`` / ``table1_clean`` (noadapt /
-table1 with the pseudo-labels cleaned: ``CLEAN``), ``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only,
-+L_semi, +L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
+refine, and the supervised-only student beside it), ``noadapt_clean`` / ``table1_clean`` /
+``fractionF_clean`` (noadapt / table1 / fractionF with the pseudo-labels cleaned: ``CLEAN``),
+``loss_sup`` / ``loss_semi`` / ``loss_pxl`` (the student's loss terms: L_sup only, +L_semi,
++L_pxl; ``table1``'s distilled row is "all"), ``sampler_uniform`` / ``_mask`` /
 ``_class`` (L_pxl's negative sampler; ``table1`` is fused), ``supervised`` (the supervised-only
 student alone), ``oracle`` (the supervised-only student on the labeled *and* the unlabeled
 images' own labels, with the supervised budget: what a perfect teacher's pseudo-labels could give
@@ -58,12 +59,18 @@ PROTOCOL_OVERRIDES = {
 # Pseudo-label cleaning (castseg.pseudo_labels.clean) as chosen on θ_T⁰'s caches of seeds 0/1/2:
 # one instance per pixel, touching nuclei split, specks under 64 px dropped.
 CLEAN = ["loss.pseudo_label_overlaps=exclusive", "loss.pseudo_label_split=true", "loss.pseudo_label_min_area=64"]
-VARIANT_OVERRIDES = {"noadapt_clean": CLEAN, "table1_clean": CLEAN}
+CLEANED = ("noadapt", "table1", "fraction")  # the variants that take a ``_clean`` suffix
 
 
 def base_variant(variant: str) -> str:
-    """The variant whose stages ``variant`` runs (``noadapt_clean`` runs ``noadapt``'s)."""
-    return variant.removesuffix("_clean") if variant in VARIANT_OVERRIDES else variant
+    """The variant whose stages ``variant`` runs (``noadapt_clean`` runs ``noadapt``'s,
+    ``fraction5_clean`` runs ``fraction5``'s)."""
+    base = variant.removesuffix("_clean")
+    return base if base != variant and base.startswith(CLEANED) else variant
+
+
+def variant_overrides(variant: str) -> list[str]:
+    return CLEAN if base_variant(variant) != variant else []
 
 ABLATIONS = {
     "loss_sup": ["loss.lambda_semi=0", "loss.lambda_pxl=0"], "loss_semi": ["loss.lambda_pxl=0"],
@@ -163,18 +170,18 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     from castseg.config import save_resolved
     from castseg.data.coco_io import write_json
 
-    fraction = int(variant[len("fraction"):]) / 100 if variant.startswith("fraction") else 0.1
+    base = base_variant(variant)
+    fraction = int(base[len("fraction"):]) / 100 if base.startswith("fraction") else 0.1
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
-    base = base_variant(variant)
-    table = base == "table1" or variant.startswith("fraction")
+    table = base == "table1" or base.startswith("fraction")
     metrics = json.loads(done.read_text()) if done.is_file() else {}
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
     # noadapt pairs with its own supervised-only row, like table1 (also runs finished before it had one)
     supervised_missing = base == "noadapt" and metrics.get("complete") and "student_supervised" not in metrics
     if metrics.get("complete") and not classical_missing and not supervised_missing:
         return metrics
-    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, []), *VARIANT_OVERRIDES.get(variant, [])],
+    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, []), *variant_overrides(variant)],
                  out, oracle=variant == "oracle")
     if not metrics.get("complete"):
         run_dir.mkdir(parents=True, exist_ok=True)
