@@ -8,7 +8,9 @@
 #   noadapt_clean  distil 900 + refine 100 from θ_T⁰ with the pseudo-labels cleaned
 #                  (dsb_protocol.CLEAN), and supervised-only 1000 from the same θ_s⁰
 #   noadapt  the same, uncleaned
-#   table1_clean, table1   all of CAST (stage 1 as in the demo), cleaned and not, same budget
+#   table1_clean   all of CAST (stage 1 as in the demo), cleaned, same budget
+#   fraction5_clean   the same at 5 % labels (5 labeled images), with its own supervised-only
+#   table1   all of CAST, uncleaned
 #   oracle   supervised-only on all 91 train images' own labels, 1000 steps
 #
 # Here, once:   tools/gpu_wheels.sh      (what the device image lacks, into the ignored .whl/)
@@ -21,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_out} RUNS=${RUNS:-runs/gpu} DEVICE=${DEVICE:-cuda}
-SEEDS=${SEEDS:-0 1 2} VARIANTS=${VARIANTS:-noadapt_clean noadapt table1_clean table1 oracle}
+SEEDS=${SEEDS:-0 1 2} VARIANTS=${VARIANTS:-noadapt_clean noadapt table1_clean fraction5_clean table1 oracle}
 DISTILL=${DISTILL:-900} REFINE=${REFINE:-100} SUPERVISED=${SUPERVISED:-1000}
 BUDGET_S=${BUDGET_S:-480}  # the runs' share of the command's limit: rendering and packing follow
 mkdir -p "$OUT" "$RUNS"
