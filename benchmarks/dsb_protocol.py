@@ -72,6 +72,7 @@ def base_variant(variant: str) -> str:
 def variant_overrides(variant: str) -> list[str]:
     return CLEAN if base_variant(variant) != variant else []
 
+
 ABLATIONS = {
     "loss_sup": ["loss.lambda_semi=0", "loss.lambda_pxl=0"], "loss_semi": ["loss.lambda_pxl=0"],
     "loss_pxl": ["loss.lambda_semi=0"], "sampler_uniform": ["loss.sampler=uniform"],
