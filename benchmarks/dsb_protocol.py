@@ -32,6 +32,7 @@ Every run is a folder under ``--out`` and resumes.
     python benchmarks/dsb_protocol.py --protocol domain --variants loss_sup loss_semi loss_pxl
     python benchmarks/dsb_protocol.py --efficiency
     python benchmarks/dsb_protocol.py --render          # markdown tables of everything run so far
+    python benchmarks/dsb_protocol.py --variants table1 --supervised-only &   # that arm on a second core
 """
 
 from __future__ import annotations
@@ -165,6 +166,24 @@ def supervised_only(cfg, run_dir: Path) -> dict:
     return stages.run_refine(cfg, run_dir, stages.initial_student(cfg), key="student_supervised", name="supervised")
 
 
+def variant_config(protocol: str, variant: str, seed: int, out: Path, extra: list[str]):
+    """The resolved config of one variant and seed: the one place both ``run_variant`` and
+    ``supervised_side`` build it, so a side process trains with exactly the run's settings."""
+    base = base_variant(variant)
+    fraction = int(base[len("fraction"):]) / 100 if base.startswith("fraction") else 0.1
+    return config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, []), *variant_overrides(variant)],
+                  out, oracle=variant == "oracle")
+
+
+def supervised_side(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
+    """Only the supervised-only stage of a run, in its own run folder: started in a second process
+    beside the run (another core or GPU), it finishes first and the run then reuses it (the
+    Trainer compares settings and inputs). metrics.json stays the run's own to write."""
+    run_dir = out / protocol / f"{variant}_s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return supervised_only(variant_config(protocol, variant, seed, out, list(extra)), run_dir)
+
+
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     from castseg import stages
     from castseg.commands.demo import classical_baseline
@@ -172,7 +191,6 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     from castseg.data.coco_io import write_json
 
     base = base_variant(variant)
-    fraction = int(base[len("fraction"):]) / 100 if base.startswith("fraction") else 0.1
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
     table = base == "table1" or base.startswith("fraction")
@@ -182,8 +200,7 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     supervised_missing = base == "noadapt" and metrics.get("complete") and "student_supervised" not in metrics
     if metrics.get("complete") and not classical_missing and not supervised_missing:
         return metrics
-    cfg = config(protocol, seed, fraction, [*extra, *ABLATIONS.get(variant, []), *variant_overrides(variant)],
-                 out, oracle=variant == "oracle")
+    cfg = variant_config(protocol, variant, seed, out, list(extra))
     if not metrics.get("complete"):
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "config.yaml")
@@ -330,10 +347,16 @@ def main() -> None:
                     help="config overrides for every run (e.g. a smoke run: distill.train.max_steps=4)")
     ap.add_argument("--efficiency", action="store_true", help="params / GFLOPs / latency, teacher vs student")
     ap.add_argument("--render", action="store_true", help="print markdown tables of the finished runs")
+    ap.add_argument("--supervised-only", action="store_true",
+                    help="train only each run's supervised-only stage, in a second process beside the run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for variant in args.variants:
         for seed in args.seeds:
+            if args.supervised_only:
+                m = supervised_side(args.protocol, variant, seed, args.out, args.set)["student_supervised"]
+                print(f"{args.protocol} {variant} seed {seed}: supervised-only {m['AP']:.3f}", flush=True)
+                continue
             m = run_variant(args.protocol, variant, seed, args.out, args.set)
             print(f"{args.protocol} {variant} seed {seed}: " + ", ".join(
                 f"{k} {m[k]['AP']:.3f}" for k, _, _ in MODEL_ROWS if (m.get(k) or {}).get("AP") is not None),
