@@ -25,8 +25,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished dsb_protocol.py run folder")
     args = ap.parse_args()
+    done = args.run / "metrics.json"
+    metrics = json.loads(done.read_text()) if done.is_file() else {}
+    missing = [k for k in ("student_supervised", "student_refined") if not (metrics.get(k) or {}).get("checkpoint")]
+    if missing:
+        raise SystemExit(f"{done}: lacks {', '.join(missing)} (run the variant to its end first)")
     cfg = load_config(args.run / "config.yaml")
-    metrics = json.loads((args.run / "metrics.json").read_text())
     if not cfg.data.unlabeled_gt:
         raise SystemExit(f"{args.run / 'config.yaml'}: data.unlabeled_gt is not set (the split keeps it aside)")
     on_unlabeled = with_values(cfg, {"data.val": cfg.data.unlabeled_gt}, "unlabeled_ap")
