@@ -179,6 +179,9 @@ def supervised_side(protocol: str, variant: str, seed: int, out: Path, extra: li
     """Only the supervised-only stage of a run, in its own run folder: started in a second process
     beside the run (another core or GPU), it finishes first and the run then reuses it (the
     Trainer compares settings and inputs). metrics.json stays the run's own to write."""
+    base = base_variant(variant)
+    if not (base in ("table1", "noadapt") or base.startswith("fraction")):
+        sys.exit(f"--supervised-only: variant {variant!r} has no supervised-only stage")
     run_dir = out / protocol / f"{variant}_s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return supervised_only(variant_config(protocol, variant, seed, out, list(extra)), run_dir)
