@@ -70,6 +70,11 @@ def base_variant(variant: str) -> str:
     return base if base != variant and base.startswith(CLEANED) else variant
 
 
+def is_table(base: str) -> bool:
+    """Whether a base variant runs all of CAST plus the supervised-only student (``run_all``)."""
+    return base == "table1" or base.startswith("fraction")
+
+
 def variant_overrides(variant: str) -> list[str]:
     return CLEAN if base_variant(variant) != variant else []
 
@@ -180,7 +185,7 @@ def supervised_side(protocol: str, variant: str, seed: int, out: Path, extra: li
     beside the run (another core or GPU), it finishes first and the run then reuses it (the
     Trainer compares settings and inputs). metrics.json stays the run's own to write."""
     base = base_variant(variant)
-    if not (base in ("table1", "noadapt") or base.startswith("fraction")):
+    if not (is_table(base) or base == "noadapt"):
         sys.exit(f"--supervised-only: variant {variant!r} has no supervised-only stage")
     run_dir = out / protocol / f"{variant}_s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +201,7 @@ def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[s
     base = base_variant(variant)
     run_dir = out / protocol / f"{variant}_s{seed}"
     done = run_dir / "metrics.json"
-    table = base == "table1" or base.startswith("fraction")
+    table = is_table(base)
     metrics = json.loads(done.read_text()) if done.is_file() else {}
     classical_missing = table and "classical_baseline" not in metrics  # also runs finished before the row existed
     # noadapt pairs with its own supervised-only row, like table1 (also runs finished before it had one)
