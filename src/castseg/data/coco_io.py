@@ -116,20 +116,44 @@ def validate_coco(data: Any, path: str | Path, images_root: str | Path | None = 
             raise InputError(path, f"not a COCO instances file: missing top-level key '{key}'")
         if not isinstance(data[key], list):
             raise InputError(path, f"'{key}' must be a list")
+    root = _images_root(data, path, images_root)
+    images = _validate_images(data["images"], path, root)
+    categories = _validate_categories(data["categories"], path)
+    image_by_id = {img["id"]: img for img in images}
+    cat_ids = {c["id"] for c in categories}
+    raw = data.get("annotations", []) if require_annotations or "annotations" in data else []
+    annotations = [_validate_annotation(ann, i, path, image_by_id, cat_ids) for i, ann in enumerate(raw)]
+    _check_unique(annotations, "id", "annotation", path)
+    # "images_root" is not carried in `extra`: it is relative to *this* file's folder, so a writer
+    # saving elsewhere must set it anew (see images_root_entry).
+    known = {"info", "images", "annotations", "categories", "images_root"}
+    extra = {k: v for k, v in data.items() if k not in known}
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return CocoData(path, root, info, images, categories, annotations, extra)
+
+
+def _images_root(data: dict, path: Path, images_root: str | Path | None) -> Path:
+    """The folder the ``file_name``s are relative to: the caller's, the json's own ``images_root``, or its folder."""
     if images_root is not None:
-        root = Path(images_root)
-    elif "images_root" in data:
+        return Path(images_root)
+    if "images_root" in data:
         # Written by `castseg split` (and any writer whose json lives away from the images):
         # a folder relative to this json's folder, or absolute.
         if not isinstance(data["images_root"], str) or not data["images_root"]:
             raise InputError(path, "'images_root' must be a non-empty string (a folder path)")
-        root = path.parent / data["images_root"]
-    else:
-        root = path.parent
+        return path.parent / data["images_root"]
+    return path.parent
 
+
+def _where(kind: str, i: int, record: Any) -> str:
+    """How an error names a record: ``image #3 (id=7)``."""
+    return f"{kind} #{i}" + (f" (id={record.get('id')})" if isinstance(record, dict) and "id" in record else "")
+
+
+def _validate_images(records: list, path: Path, root: Path) -> list[dict]:
     images = []
-    for i, img in enumerate(data["images"]):
-        where = f"image #{i}" + (f" (id={img.get('id')})" if isinstance(img, dict) and "id" in img else "")
+    for i, img in enumerate(records):
+        where = _where("image", i, img)
         if not isinstance(img, dict):
             raise InputError(path, f"{where}: must be an object")
         for key in ("id", "file_name", "width", "height"):
@@ -143,58 +167,53 @@ def validate_coco(data: Any, path: str | Path, images_root: str | Path | None = 
         images.append(img)
     _check_unique(images, "id", "image", path)
     _check_unique(images, "file_name", "image", path)
+    return images
 
+
+def _validate_categories(records: list, path: Path) -> list[dict]:
     categories = []
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(records):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise InputError(path, f"category #{i}: needs 'id' and 'name'")
         if not _is_int(cat["id"]):
             raise InputError(path, f"category #{i} ({cat.get('name')!r}): 'id' must be an integer")
         categories.append({"id": cat["id"], "name": str(cat["name"]), "supercategory": cat.get("supercategory", "")})
     _check_unique(categories, "id", "category", path)
+    return categories
 
-    image_by_id = {img["id"]: img for img in images}
-    cat_ids = {c["id"] for c in categories}
-    annotations = []
-    for i, ann in enumerate(data.get("annotations", []) if require_annotations or "annotations" in data else []):
-        where = f"annotation #{i}" + (f" (id={ann.get('id')})" if isinstance(ann, dict) and "id" in ann else "")
-        if not isinstance(ann, dict):
-            raise InputError(path, f"{where}: must be an object")
-        for key in ("id", "image_id", "category_id", "segmentation"):
-            if key not in ann:
-                raise InputError(path, f"{where}: missing key '{key}'")
-        if not _is_int(ann["id"]):
-            raise InputError(path, f"{where}: 'id' must be an integer")
-        img = image_by_id.get(ann["image_id"])
-        if img is None:
-            raise InputError(path, f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        if ann["category_id"] not in cat_ids:
-            raise InputError(path, f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
-        rle = M.segmentation_to_rle(ann["segmentation"], img["height"], img["width"], f"{path}: {where}")
-        a = M.area(rle)
-        if a == 0:
-            raise InputError(path, f"{where}: empty mask (area 0)")
-        norm = {
-            "id": ann["id"],
-            "image_id": ann["image_id"],
-            "category_id": ann["category_id"],
-            # Polygons stay polygons (they are what the user gave); RLE is normalised to compressed.
-            "segmentation": ann["segmentation"] if isinstance(ann["segmentation"], list) else rle,
-            "area": float(a),
-            "bbox": M.bbox(rle),
-            "iscrowd": int(bool(ann.get("iscrowd", 0))),
-        }
-        if "score" in ann:
-            norm["score"] = float(ann["score"])
-        annotations.append(norm)
-    _check_unique(annotations, "id", "annotation", path)
 
-    # "images_root" is not carried in `extra`: it is relative to *this* file's folder, so a writer
-    # saving elsewhere must set it anew (see images_root_entry).
-    known = {"info", "images", "annotations", "categories", "images_root"}
-    extra = {k: v for k, v in data.items() if k not in known}
-    info = data.get("info") if isinstance(data.get("info"), dict) else {}
-    return CocoData(path, root, info, images, categories, annotations, extra)
+def _validate_annotation(ann: Any, i: int, path: Path, image_by_id: dict, cat_ids: set) -> dict:
+    """One annotation, normalised: compressed RLE (polygons kept), area and bbox from the mask."""
+    where = _where("annotation", i, ann)
+    if not isinstance(ann, dict):
+        raise InputError(path, f"{where}: must be an object")
+    for key in ("id", "image_id", "category_id", "segmentation"):
+        if key not in ann:
+            raise InputError(path, f"{where}: missing key '{key}'")
+    if not _is_int(ann["id"]):
+        raise InputError(path, f"{where}: 'id' must be an integer")
+    img = image_by_id.get(ann["image_id"])
+    if img is None:
+        raise InputError(path, f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+    if ann["category_id"] not in cat_ids:
+        raise InputError(path, f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+    rle = M.segmentation_to_rle(ann["segmentation"], img["height"], img["width"], f"{path}: {where}")
+    a = M.area(rle)
+    if a == 0:
+        raise InputError(path, f"{where}: empty mask (area 0)")
+    norm = {
+        "id": ann["id"],
+        "image_id": ann["image_id"],
+        "category_id": ann["category_id"],
+        # Polygons stay polygons (they are what the user gave); RLE is normalised to compressed.
+        "segmentation": ann["segmentation"] if isinstance(ann["segmentation"], list) else rle,
+        "area": float(a),
+        "bbox": M.bbox(rle),
+        "iscrowd": int(bool(ann.get("iscrowd", 0))),
+    }
+    if "score" in ann:
+        norm["score"] = float(ann["score"])
+    return norm
 
 
 def load_coco(path: str | Path, images_root: str | Path | None = None,
