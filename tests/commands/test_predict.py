@@ -80,6 +80,19 @@ def test_predict_bad_inputs_fail_with_one_line(checkpoint, tmp_path, capsys):
     assert code == 2 and "bad.png" in err and "Traceback" not in err
 
 
+def test_predict_on_a_coco_json_without_the_models_class_fails_with_one_line(checkpoint, tmp_path, capsys):
+    data = json.loads(embedded_default().read_text())
+    data["categories"] = [{"id": 1, "name": "cell"}]  # the model predicts "nucleus"
+    data["images_root"] = str(embedded_default().parent)
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    code = cli.main(["predict", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "other.json"),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "other.json" in err and "no category for the model's classes ['nucleus']" in err
+    assert not (tmp_path / "o" / "predictions.json").exists()
+
+
 def test_bench_json_has_median_per_runtime(checkpoint, capsys):
     assert cli.main(["bench", "--checkpoint", str(checkpoint), "--size", "64x64", "--repeats", "2", "--no-compile",
                      "--teacher", str(checkpoint), "--json"]) == 0

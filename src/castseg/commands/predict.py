@@ -59,29 +59,17 @@ def list_images(spec: str, images_root: str | None) -> tuple[list[tuple[int, str
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from castseg.console import Progress
     from castseg.data.images import read_image
-    from castseg.errors import InputError
-    from castseg.eval.results import instances_to_results, write_results
-    from castseg.models.inference import resize_masks
+    from castseg.eval.results import write_results
     from castseg.predictor import load_predictor, resize_for_model
-    from castseg.visualize import draw_instances
 
     predictor = load_predictor(args.onnx or args.checkpoint, onnx=bool(args.onnx), device=args.device,
                                topk=args.max_instances, score_threshold=args.score_threshold)
     items, cat_by_name = list_images(args.images, args.images_root)
-    names = predictor.class_names
-    if cat_by_name is not None:
-        missing = [n for n in names if n not in cat_by_name]
-        if missing:
-            raise InputError(args.images, f"has no category for the model's classes {missing}")
-        cat_ids = [cat_by_name[n] for n in names]
-    else:
-        cat_ids = list(range(1, len(names) + 1))
+    cat_ids = category_ids(predictor.class_names, cat_by_name, args.images)
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     if args.label_maps:
@@ -102,26 +90,52 @@ def run(args: argparse.Namespace) -> int:
             for i, r in zip(idx, predictor(torch.stack([xs[i] for i in idx]))):
                 results[i] = r
         for (image_id, name, _), raw, r in zip(chunk, raws, results):
-            h, w = raw.shape[:2]
-            masks = r["masks"].cpu()
-            keep = r["scores"].cpu() >= args.score_threshold
-            masks, scores, labels = masks[keep][: args.max_instances], r["scores"].cpu()[keep][: args.max_instances], \
-                r["labels"].cpu()[keep][: args.max_instances]
-            masks = resize_masks(masks, (h, w))
-            categories = np.asarray(cat_ids, dtype=np.int64)[labels.numpy()] if len(labels) else np.zeros(0, np.int64)
-            records += instances_to_results(image_id, masks, scores, categories)
-            stem = Path(name).with_suffix("").as_posix().replace("/", "__")
-            m, s, lab = masks.numpy(), scores.numpy(), labels.numpy()
-            if not args.no_overlays:
-                draw_instances(raw, m, s, [names[int(k)] for k in lab]).save(out / "overlays" / f"{stem}.png")
-            if args.label_maps:
-                ids = np.zeros((h, w), np.uint16)
-                for k in np.argsort(s, kind="stable"):  # ascending: the best instance is drawn last
-                    ids[m[k]] = k + 1
-                Image.fromarray(ids).save(out / "labels" / f"{stem}.png")
+            records += write_image_outputs(args, out, image_id, name, raw, r, cat_ids, predictor.class_names)
         bar.update(len(chunk))
     bar.close()
     write_results(records, out / "predictions.json")
     logger.info(f"predicted {len(records)} instances on {len(items)} images ({predictor.kind}: "
                 f"{args.onnx or args.checkpoint}) -> {out / 'predictions.json'}")
     return 0
+
+
+def category_ids(names: list[str], cat_by_name: dict[str, int] | None, spec: str) -> list[int]:
+    """The COCO category id of each model class: the input json's, by name, or 1..C."""
+    from castseg.errors import InputError
+
+    if cat_by_name is None:
+        return list(range(1, len(names) + 1))
+    missing = [n for n in names if n not in cat_by_name]
+    if missing:
+        raise InputError(spec, f"has no category for the model's classes {missing}")
+    return [cat_by_name[n] for n in names]
+
+
+def write_image_outputs(args: argparse.Namespace, out: Path, image_id: int, name: str, raw, result: dict,
+                        cat_ids: list[int], names: list[str]) -> list[dict]:
+    """One image's kept instances (score, top-k; masks at the image's size [N,H,W]) as COCO
+    results, with its overlay and label-map PNGs when asked."""
+    import numpy as np
+    from PIL import Image
+
+    from castseg.eval.results import instances_to_results
+    from castseg.models.inference import resize_masks
+    from castseg.visualize import draw_instances
+
+    h, w = raw.shape[:2]
+    scores, labels = result["scores"].cpu(), result["labels"].cpu()
+    keep = scores >= args.score_threshold
+    masks = result["masks"].cpu()[keep][: args.max_instances]
+    scores, labels = scores[keep][: args.max_instances], labels[keep][: args.max_instances]
+    masks = resize_masks(masks, (h, w))
+    categories = np.asarray(cat_ids, dtype=np.int64)[labels.numpy()] if len(labels) else np.zeros(0, np.int64)
+    stem = Path(name).with_suffix("").as_posix().replace("/", "__")
+    m, s, lab = masks.numpy(), scores.numpy(), labels.numpy()
+    if not args.no_overlays:
+        draw_instances(raw, m, s, [names[int(k)] for k in lab]).save(out / "overlays" / f"{stem}.png")
+    if args.label_maps:
+        ids = np.zeros((h, w), np.uint16)
+        for k in np.argsort(s, kind="stable"):  # ascending: the best instance is drawn last
+            ids[m[k]] = k + 1
+        Image.fromarray(ids).save(out / "labels" / f"{stem}.png")
+    return instances_to_results(image_id, masks, scores, categories)
