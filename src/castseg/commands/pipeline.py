@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from castseg.config import load_config, save_resolved, with_values
     from castseg.data.coco_io import write_json
-    from castseg.errors import CastsegError, InputError
-    from castseg.models import load_checkpoint
+    from castseg.errors import InputError
     from castseg import run_checks, stages
 
     cfg = load_config(args.config, args.overrides)
@@ -79,7 +78,23 @@ def run(args: argparse.Namespace) -> int:
         run_checks.load_unlabeled_gt(cfg)  # run_all checks it itself; either way before any training
     if args.verb == "run":
         metrics = stages.run_all(cfg, run_dir, resume)
-    elif args.verb == "adapt":
+    else:
+        run_stage(args, cfg, run_dir, resume, metrics)
+    write_json(metrics, metrics_path, indent=1)
+    logger.info(f"{args.verb} done: {run_dir}")
+    print_summary(metrics, with_premise=args.verb == "run")
+    if (run_dir / "report.html").is_file():
+        logger.info(f"report: {run_dir / 'report.html'}")
+    return 0
+
+
+def run_stage(args: argparse.Namespace, cfg, run_dir: Path, resume, metrics: dict) -> None:
+    """``castseg adapt | distill | refine``: one stage, its rows merged into ``metrics``."""
+    from castseg.errors import CastsegError
+    from castseg.models import load_checkpoint
+    from castseg import run_checks, stages
+
+    if args.verb == "adapt":
         run_checks.merge_rows(metrics, stages.run_adapt(cfg, run_dir, resume)[1])
     elif args.verb == "distill" and args.pseudo_labels:
         cache = Path(args.pseudo_labels)
@@ -99,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
             raise CastsegError(f"{init}: no distilled student; run `castseg distill` first or pass --init")
         model, _ = load_checkpoint(init)
         metrics.update(stages.run_refine(cfg, run_dir, model.train(), resume))
-    write_json(metrics, metrics_path, indent=1)
-    logger.info(f"{args.verb} done: {run_dir}")
+
+
+def print_summary(metrics: dict, with_premise: bool) -> None:
+    """Each model's AP, the pseudo-labels' AP and quality where known, and (whole runs) the premise."""
+    from castseg import run_checks
+
     for key, row in metrics.items():
         if isinstance(row, dict) and row.get("AP") is not None:
             print(f"  {key:<20} AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}  {row.get('checkpoint') or ''}")
@@ -112,8 +131,5 @@ def run(args: argparse.Namespace) -> int:
                   f"{pseudo['num_images']} unlabeled images ({pseudo['ground_truth']})")
             if row.get("quality"):
                 print(f"    {run_checks.quality_text(row['quality'])}")
-    if args.verb == "run":
+    if with_premise:
         print(f"  {run_checks.premise_text(metrics)}")
-    if (run_dir / "report.html").is_file():
-        logger.info(f"report: {run_dir / 'report.html'}")
-    return 0
