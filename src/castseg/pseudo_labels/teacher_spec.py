@@ -39,6 +39,36 @@ def _walk_config(cfg: Any, base: Path, source: Path, found: list[Path]) -> tuple
     return resolved, stripped
 
 
+def _resolve(path: Path, found: list[Path], weights: dict[str, str]) -> tuple[dict, dict]:
+    """``(build_teacher config, path-free config)`` of a teacher folder, a teacher config or a
+    castseg checkpoint; local weight paths go to ``found``, already-known hashes to ``weights``."""
+    import yaml
+
+    from castseg.models.checkpoint import read_checkpoint_meta
+
+    is_config = path.suffix.lower() in (".yaml", ".yml")
+    if path.suffix.lower() == ".json" and path.is_file():
+        head = read_json(path)
+        is_config = not (isinstance(head, dict) and head.get("format") == "castseg-checkpoint")
+    if path.is_dir() and (path / "teacher.json").is_file():
+        found.append(path)
+        return {"type": "grounded_sam", "path": str(path)}, {"type": "grounded_sam", **read_json(path / "teacher.json")}
+    if is_config:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise InputError(path, f"not a readable teacher config ({str(e).splitlines()[0]})") from None
+        raw = raw.get("teacher", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise InputError(path, "a teacher config needs a mapping with 'type' (optionally under 'teacher:')")
+        return _walk_config(raw, path.parent, path, found)
+    meta, wfile, _ = read_checkpoint_meta(path)
+    # load_checkpoint verifies this hash against the file, so it need not be recomputed.
+    weights[wfile.name] = meta["weights"]["sha256"]
+    return ({"type": "checkpoint", "path": str(path)},
+            {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]})
+
+
 def load_teacher(spec: str | Path, device: str = "cpu", fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
     """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
     ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
@@ -50,42 +80,17 @@ def load_teacher(spec: str | Path, device: str = "cpu", fingerprint: bool = True
     ``fingerprint=False`` (a teacher only to predict with) the weight files are not read twice
     for hashing, and ``weights`` / ``sha256`` are empty / None.
     """
-    import yaml
-
-    from castseg.models.checkpoint import read_checkpoint_meta
     from castseg.models.teacher_factory import build_teacher
 
     path = Path(spec)
     if not path.exists():
         raise InputError(path, "teacher not found (expected a castseg checkpoint, a teacher folder with "
                          "teacher.json or teacher.yaml, or a teacher config .yaml/.json)")
-    found: list[Path] = []
-    weights: dict[str, str] = {}
     if path.is_dir() and (path / "teacher.yaml").is_file():  # e.g. an adapted ensemble (save_pretrained)
         path = path / "teacher.yaml"
-    is_config = path.suffix.lower() in (".yaml", ".yml")
-    if path.suffix.lower() == ".json" and path.is_file():
-        head = read_json(path)
-        is_config = not (isinstance(head, dict) and head.get("format") == "castseg-checkpoint")
-    if path.is_dir() and (path / "teacher.json").is_file():
-        cfg = {"type": "grounded_sam", "path": str(path)}
-        config = {"type": "grounded_sam", **read_json(path / "teacher.json")}
-        found.append(path)
-    elif is_config:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise InputError(path, f"not a readable teacher config ({str(e).splitlines()[0]})") from None
-        raw = raw.get("teacher", raw) if isinstance(raw, dict) else raw
-        if not isinstance(raw, dict) or "type" not in raw:
-            raise InputError(path, "a teacher config needs a mapping with 'type' (optionally under 'teacher:')")
-        cfg, config = _walk_config(raw, path.parent, path, found)
-    else:
-        meta, wfile, _ = read_checkpoint_meta(path)
-        cfg = {"type": "checkpoint", "path": str(path)}
-        config = {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]}
-        # load_checkpoint verifies this hash against the file, so it need not be recomputed.
-        weights[wfile.name] = meta["weights"]["sha256"]
+    found: list[Path] = []
+    weights: dict[str, str] = {}
+    cfg, config = _resolve(path, found, weights)
     for ref in found if fingerprint else []:
         files = [ref] if ref.is_file() else sorted(p for p in ref.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
         for f in files:
