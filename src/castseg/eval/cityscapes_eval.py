@@ -94,6 +94,24 @@ def _finite_or_minus_one(v: float) -> float:
     return float(v) if math.isfinite(v) else -1.0
 
 
+def _gt_files(gt_folder: Path, data: CocoData) -> list[str]:
+    """Each image's ``*_gtFine_instanceIds.png`` (absolute), checked to be the image's size."""
+    gt_files = []
+    for img in data.images:
+        if not isinstance(img.get("file_name"), str):
+            raise InputError(data.path, f"image id={img['id']}: missing 'file_name'")
+        f = gt_instance_file(gt_folder, img["file_name"])
+        if f is None:
+            raise InputError(data.path, f"image id={img['id']}: no gtFine instanceIds file for "
+                             f"{img['file_name']!r} under {gt_folder}")
+        with Image.open(f) as im:  # header only: a size mismatch would break the pixel matching
+            if (im.height, im.width) != (img["height"], img["width"]):
+                raise InputError(f, f"is {im.height}x{im.width}, but {data.path} says image id={img['id']} "
+                                 f"is {img['height']}x{img['width']}")
+        gt_files.append(str(f.resolve()))
+    return gt_files
+
+
 def evaluate_cityscapes(gt_folder: str | Path, gt: str | Path | dict | CocoData,
                         pred: str | Path | list) -> dict[str, Any]:
     """Official Cityscapes instance AP of ``pred`` on the images of ``gt``.
@@ -117,19 +135,7 @@ def evaluate_cityscapes(gt_folder: str | Path, gt: str | Path | dict | CocoData,
     src = pred if isinstance(pred, (str, Path)) else "<predictions>"
     records = validate_results(read_json(pred) if isinstance(pred, (str, Path)) else pred, data, "segm", src)
 
-    gt_files = []
-    for img in data.images:
-        if not isinstance(img.get("file_name"), str):
-            raise InputError(data.path, f"image id={img['id']}: missing 'file_name'")
-        f = gt_instance_file(gt_folder, img["file_name"])
-        if f is None:
-            raise InputError(data.path, f"image id={img['id']}: no gtFine instanceIds file for "
-                             f"{img['file_name']!r} under {gt_folder}")
-        with Image.open(f) as im:  # header only: a size mismatch would break the pixel matching
-            if (im.height, im.width) != (img["height"], img["width"]):
-                raise InputError(f, f"is {im.height}x{im.width}, but {data.path} says image id={img['id']} "
-                                 f"is {img['height']}x{img['width']}")
-        gt_files.append(str(f.resolve()))
+    gt_files = _gt_files(gt_folder, data)
     if not gt_files:
         raise InputError(data.path, "has no images to evaluate")
     by_image: dict[Any, list[dict[str, Any]]] = {img["id"]: [] for img in data.images}
