@@ -172,6 +172,28 @@ class PixelContrastiveLoss(nn.Module):
         frac = min(max(step / self.total_steps, 0.0), 1.0)
         return float(t0 + (t1 - t0) * frac)
 
+    def _negatives(self, anchors: torch.Tensor, pool: torch.Tensor, mask_logits: torch.Tensor,
+                   class_logits: torch.Tensor, size: tuple[int, int],
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The sampler: ``R`` negatives per anchor from the pool, ``(neg [A,R] pool indices,
+        ok [A,R] bool, milliseconds)``. No gradient: it only decides which pixels are negatives."""
+        dev, HW = anchors.device, size[0] * size[1]
+        A, P = len(anchors), len(pool)
+        _sync(dev)
+        t_start = time.perf_counter()
+        with torch.no_grad():
+            if self.sampler == "uniform":
+                y_a, y_p = mask_logits.new_empty(A, 0), mask_logits.new_empty(P, 0)
+            else:
+                both = torch.cat([anchors, pool])
+                y = sampler_features(mask_logits, class_logits, both // HW, both % HW, size, self.sampler)
+                y_a, y_p = y[:A], y[A:]
+            forbid = anchors[:, None] == pool[None, :]         # an anchor is never its own negative
+            neg, ok = sample_negatives(y_a, y_p, self.num_negatives, generator, forbid=forbid,
+                                       uniform=self.sampler == "uniform", replacement=self.sample_with_replacement)
+        _sync(dev)
+        return neg, ok, (time.perf_counter() - t_start) * 1e3
+
     def forward(self, z_weak: torch.Tensor, z_strong: torch.Tensor, mask_logits: torch.Tensor,
                 class_logits: torch.Tensor, instance_ids: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, step: int | None = None,
@@ -195,21 +217,7 @@ class PixelContrastiveLoss(nn.Module):
         pool = cand[torch.randperm(n, generator=generator, device=dev)[: self.max_pool]]
         A, P = len(anchors), len(pool)
 
-        # ---- sampler (no gradient: it only decides which pixels are negatives) ----
-        _sync(dev)
-        t_start = time.perf_counter()
-        with torch.no_grad():
-            if self.sampler == "uniform":
-                y_a, y_p = z_weak.new_empty(A, 0), z_weak.new_empty(P, 0)
-            else:
-                both = torch.cat([anchors, pool])
-                y = sampler_features(mask_logits, class_logits, both // HW, both % HW, (H, W), self.sampler)
-                y_a, y_p = y[:A], y[A:]
-            forbid = anchors[:, None] == pool[None, :]         # an anchor is never its own negative
-            neg, ok = sample_negatives(y_a, y_p, self.num_negatives, generator, forbid=forbid,
-                                       uniform=self.sampler == "uniform", replacement=self.sample_with_replacement)
-        _sync(dev)
-        sampler_ms = (time.perf_counter() - t_start) * 1e3
+        neg, ok, sampler_ms = self._negatives(anchors, pool, mask_logits, class_logits, (H, W), generator)
 
         # ---- loss: gather only the selected pixels (no [B*HW, D] copy of the maps) ----
         za = F.normalize(_gather(z_weak, anchors, HW).float(), dim=1)                # [A, D], grad
