@@ -100,6 +100,21 @@ def main() -> None:
 
     ours = build_student(StudentConfig.from_preset("small", pretrained=False, num_classes=args.classes))
     theirs = build_transformers_mask2former(args.classes)
+    fns = measured_steps(args, ours, theirs)
+    mask_res = {"castseg": tuple(fns["infer_ours"]().shape[-2:]),
+                "transformers": tuple(fns["infer_theirs"]().shape[-2:])}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for name, fn in fns.items():  # warm-up: allocator, lazy init, optimizer state
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    print_table(args, ours, theirs, mask_res, {k: statistics.median(v) for k, v in times.items()})
+
+
+def measured_steps(args: argparse.Namespace, ours, theirs) -> dict:
+    """The four timed closures: a training step (forward, loss, backward, AdamW) and an eval
+    forward of each model, on the same ``[B,3,S,S]`` input and targets."""
     criterion = SetLoss(args.classes)  # defaults = Mask2Former's: 12544 points, weights 2/5/5, no-object 0.1
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size)  # castseg: [0,1], normalised inside
@@ -113,15 +128,13 @@ def main() -> None:
     def train_ours() -> None:
         ours.train()
         opt_ours.zero_grad(set_to_none=True)
-        loss = criterion(ours(x), targets)["loss"]
-        loss.backward()
+        criterion(ours(x), targets)["loss"].backward()
         opt_ours.step()
 
     def train_theirs() -> None:
         theirs.train()
         opt_theirs.zero_grad(set_to_none=True)
-        loss = theirs(pixel_values=x_norm, mask_labels=mask_labels, class_labels=class_labels).loss
-        loss.backward()
+        theirs(pixel_values=x_norm, mask_labels=mask_labels, class_labels=class_labels).loss.backward()
         opt_theirs.step()
 
     @torch.no_grad()
@@ -134,21 +147,15 @@ def main() -> None:
         theirs.eval()
         return theirs(pixel_values=x_norm).masks_queries_logits
 
-    mask_res = {"castseg": tuple(infer_ours().shape[-2:]), "transformers": tuple(infer_theirs().shape[-2:])}
-    times: dict[str, list[float]] = {k: [] for k in ("train_ours", "train_theirs", "infer_ours", "infer_theirs")}
-    fns = {"train_ours": train_ours, "train_theirs": train_theirs, "infer_ours": infer_ours,
-           "infer_theirs": infer_theirs}
-    for name, fn in fns.items():  # warm-up: allocator, lazy init, optimizer state
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"train_ours": train_ours, "train_theirs": train_theirs, "infer_ours": infer_ours,
+            "infer_theirs": infer_theirs}
+
+
+def print_table(args: argparse.Namespace, ours, theirs, mask_res: dict, med: dict) -> None:
+    import transformers
 
     n_ours, n_theirs = count_parameters(ours), count_parameters(theirs)
     n_ours_enc, n_theirs_enc = count_parameters(ours.encoder), count_parameters(theirs.model.pixel_level_module.encoder)
-    import transformers
-
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     print(f"command: {cmd}")
     print(f"input {args.batch}x3x{args.size}x{args.size}, {torch.get_num_threads()} threads, "
