@@ -150,17 +150,36 @@ def _where(kind: str, i: int, record: Any) -> str:
     return f"{kind} #{i}" + (f" (id={record.get('id')})" if isinstance(record, dict) and "id" in record else "")
 
 
+def check_record(record: Any, where: str, keys: tuple[str, ...], path: Path) -> None:
+    """A json object with ``keys`` and an integer ``id``, or one line naming ``where`` it is not."""
+    if not isinstance(record, dict):
+        raise InputError(path, f"{where}: must be an object")
+    for key in keys:
+        if key not in record:
+            raise InputError(path, f"{where}: missing key '{key}'")
+    if not _is_int(record["id"]):
+        raise InputError(path, f"{where}: 'id' must be an integer")
+
+
+def annotation_refs(ann: Any, i: int, path: Path, image_by_id: dict, cat_ids: set,
+                    keys: tuple[str, ...]) -> tuple[str, dict]:
+    """``(where, image)`` of annotation #i after checking its keys, its image and its category;
+    shared by :func:`load_coco` and the evaluator's ground-truth check."""
+    where = _where("annotation", i, ann)
+    check_record(ann, where, keys, path)
+    img = image_by_id.get(ann["image_id"])
+    if img is None:
+        raise InputError(path, f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+    if ann["category_id"] not in cat_ids:
+        raise InputError(path, f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+    return where, img
+
+
 def _validate_images(records: list, path: Path, root: Path) -> list[dict]:
     images = []
     for i, img in enumerate(records):
         where = _where("image", i, img)
-        if not isinstance(img, dict):
-            raise InputError(path, f"{where}: must be an object")
-        for key in ("id", "file_name", "width", "height"):
-            if key not in img:
-                raise InputError(path, f"{where}: missing key '{key}'")
-        if not _is_int(img["id"]):
-            raise InputError(path, f"{where}: 'id' must be an integer")
+        check_record(img, where, ("id", "file_name", "width", "height"), path)
         if not (_is_int(img["width"]) and _is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
             raise InputError(path, f"{where}: 'width' and 'height' must be positive integers")
         resolve_in_root(root, img["file_name"], f"{path}: {where}")
@@ -184,19 +203,7 @@ def _validate_categories(records: list, path: Path) -> list[dict]:
 
 def _validate_annotation(ann: Any, i: int, path: Path, image_by_id: dict, cat_ids: set) -> dict:
     """One annotation, normalised: compressed RLE (polygons kept), area and bbox from the mask."""
-    where = _where("annotation", i, ann)
-    if not isinstance(ann, dict):
-        raise InputError(path, f"{where}: must be an object")
-    for key in ("id", "image_id", "category_id", "segmentation"):
-        if key not in ann:
-            raise InputError(path, f"{where}: missing key '{key}'")
-    if not _is_int(ann["id"]):
-        raise InputError(path, f"{where}: 'id' must be an integer")
-    img = image_by_id.get(ann["image_id"])
-    if img is None:
-        raise InputError(path, f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-    if ann["category_id"] not in cat_ids:
-        raise InputError(path, f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+    where, img = annotation_refs(ann, i, path, image_by_id, cat_ids, ("id", "image_id", "category_id", "segmentation"))
     rle = M.segmentation_to_rle(ann["segmentation"], img["height"], img["width"], f"{path}: {where}")
     a = M.area(rle)
     if a == 0:

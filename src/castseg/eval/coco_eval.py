@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from castseg.data import masks as M
-from castseg.data.coco_io import CocoData, read_json
+from castseg.data.coco_io import CocoData, annotation_refs, read_json
 from castseg.errors import InputError
 from castseg.eval.results import IOU_TYPES, validate_results
 
@@ -46,20 +46,8 @@ def _is_number(v: Any) -> bool:
 
 def _check_ann(ann: Any, i: int, images: dict[int, dict], cat_ids: set, iou_type: str | None,
                path: Path) -> dict[str, Any]:
-    where = f"annotation #{i}" + (f" (id={ann.get('id')})" if isinstance(ann, dict) and "id" in ann else "")
-    if not isinstance(ann, dict):
-        raise InputError(path, f"{where}: must be an object")
     geometry = {"segm": ("segmentation",), "bbox": ("bbox",)}.get(iou_type or "", ())
-    for key in ("id", "image_id", "category_id") + geometry:
-        if key not in ann:
-            raise InputError(path, f"{where}: missing key '{key}'")
-    if not _is_int(ann["id"]):
-        raise InputError(path, f"{where}: 'id' must be an integer")
-    img = images.get(ann["image_id"])
-    if img is None:
-        raise InputError(path, f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-    if ann["category_id"] not in cat_ids:
-        raise InputError(path, f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+    where, img = annotation_refs(ann, i, path, images, cat_ids, ("id", "image_id", "category_id") + geometry)
     seg = ann.get("segmentation")
     if seg is not None and not isinstance(seg, list):
         if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
