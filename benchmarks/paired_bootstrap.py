@@ -106,9 +106,9 @@ def main() -> None:
         print(f"| {s} | {r['images']} | {r['difference']:+.2f} | {r['val_se']:.2f} | {r['lo']:+.2f} to {r['hi']:+.2f} |")
     d = [r["difference"] for r in rows.values()]
     n = len(d)
-    across = statistics.stdev(d) / math.sqrt(n) if n > 1 else float("nan")
+    across = f"{statistics.stdev(d) / math.sqrt(n):.2f}" if n > 1 else "— (one seed)"
     val_only = math.sqrt(sum(r["val_se"] ** 2 for r in rows.values())) / n
-    print(f"\nMean {statistics.mean(d):+.2f}; its standard error across seeds {across:.2f}, "
+    print(f"\nMean {statistics.mean(d):+.2f}; its standard error across seeds {across}, "
           f"from the val images alone {val_only:.2f}")
 
 
