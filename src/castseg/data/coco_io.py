@@ -56,7 +56,8 @@ def resolve_in_root(root: str | Path, file_name: str, source: str = "") -> Path:
     return Path(candidate)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """A json integer (``true`` is not one)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -157,7 +158,7 @@ def check_record(record: Any, where: str, keys: tuple[str, ...], path: Path) -> 
     for key in keys:
         if key not in record:
             raise InputError(path, f"{where}: missing key '{key}'")
-    if not _is_int(record["id"]):
+    if not is_int(record["id"]):
         raise InputError(path, f"{where}: 'id' must be an integer")
 
 
@@ -180,7 +181,7 @@ def _validate_images(records: list, path: Path, root: Path) -> list[dict]:
     for i, img in enumerate(records):
         where = _where("image", i, img)
         check_record(img, where, ("id", "file_name", "width", "height"), path)
-        if not (_is_int(img["width"]) and _is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
+        if not (is_int(img["width"]) and is_int(img["height"]) and img["width"] > 0 and img["height"] > 0):
             raise InputError(path, f"{where}: 'width' and 'height' must be positive integers")
         resolve_in_root(root, img["file_name"], f"{path}: {where}")
         images.append(img)
@@ -194,7 +195,7 @@ def _validate_categories(records: list, path: Path) -> list[dict]:
     for i, cat in enumerate(records):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise InputError(path, f"category #{i}: needs 'id' and 'name'")
-        if not _is_int(cat["id"]):
+        if not is_int(cat["id"]):
             raise InputError(path, f"category #{i} ({cat.get('name')!r}): 'id' must be an integer")
         categories.append({"id": cat["id"], "name": str(cat["name"]), "supercategory": cat.get("supercategory", "")})
     _check_unique(categories, "id", "category", path)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from castseg.data import masks as M
-from castseg.data.coco_io import CocoData, annotation_refs, read_json
+from castseg.data.coco_io import CocoData, annotation_refs, is_int, read_json
 from castseg.errors import InputError
 from castseg.eval.results import IOU_TYPES, validate_results
 
@@ -34,10 +34,6 @@ _STAT_LINES = (  # (precision or recall, IoU label, area, maxDets) as COCOeval p
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     """faster-coco-eval reports progress through a print function; the CLI owns stdout."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -95,16 +91,16 @@ def load_gt(gt: str | Path | dict | CocoData, iou_type: str | None = "segm",
             raise InputError(path, f"not a COCO instances file: '{key}' must be a list")
     images: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
-        if not (isinstance(img, dict) and _is_int(img.get("id"))):
+        if not (isinstance(img, dict) and is_int(img.get("id"))):
             raise InputError(path, f"image #{i}: must be an object with an integer 'id'")
-        if not (_is_int(img.get("height")) and _is_int(img.get("width")) and img["height"] > 0 and img["width"] > 0):
+        if not (is_int(img.get("height")) and is_int(img.get("width")) and img["height"] > 0 and img["width"] > 0):
             raise InputError(path, f"image #{i} (id={img['id']}): 'width' and 'height' must be positive integers")
         if img["id"] in images:
             raise InputError(path, f"duplicate image id {img['id']}")
         images[img["id"]] = img
     cat_ids: set = set()
     for i, cat in enumerate(data["categories"]):
-        if not (isinstance(cat, dict) and _is_int(cat.get("id"))):
+        if not (isinstance(cat, dict) and is_int(cat.get("id"))):
             raise InputError(path, f"category #{i}: must be an object with an integer 'id'")
         if cat["id"] in cat_ids:
             raise InputError(path, f"duplicate category id {cat['id']}")
