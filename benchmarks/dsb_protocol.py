@@ -272,6 +272,25 @@ def _mean_sd(vals: list[float]) -> str:
             f"({', '.join(f'{v:.2f}' for v in vals)})")
 
 
+def _paired(diff: list[float]) -> str:
+    """A paired difference over seeds: ``_mean_sd`` plus the standard error of its mean (sd/√n),
+    the yardstick of the "> 2 standard errors" targets."""
+    if len(diff) < 2:
+        return _mean_sd(diff)
+    return f"{_mean_sd(diff)}; standard error {100 * statistics.stdev(diff) / len(diff) ** 0.5:.2f}"
+
+
+def _paired_row(seeds: dict[int, dict], a: str, b: str, label: str) -> list[str]:
+    """Row ``a`` minus row ``b`` within each seed. Seeds draw their own split (val too), so the
+    spread of a row mixes split and training noise; a difference within a seed compares like with
+    like."""
+    paired = [m for m in seeds.values() if all((m.get(k) or {}).get("AP") is not None for k in (a, b))]
+    if len(paired) < 2:
+        return []
+    diff = {metric: [m[a][metric] - m[b][metric] for m in paired] for metric in ("AP", "AP50")}
+    return [f"| {label} (paired by seed) | {_paired(diff['AP'])} | {_paired(diff['AP50'])} |"]
+
+
 def _extra_rows(runs: list[dict], variant: str) -> list[str]:
     """The pseudo-labels' AP on the unlabeled images and the premise ratio (CAST needs > 1)."""
     lines = []
@@ -289,16 +308,21 @@ def _extra_rows(runs: list[dict], variant: str) -> list[str]:
     return lines
 
 
-def _oracle_rows(seeds: dict[int, dict], table1: dict[int, dict]) -> list[str]:
-    """Oracle − supervised-only (``table1``'s, same seed and split): the most any teacher's
-    pseudo-labels could add at this student budget."""
-    pairs = [(m["student_oracle"], table1[s]["student_supervised"]) for s, m in sorted(seeds.items())
-             if "student_oracle" in m and "student_supervised" in table1.get(s, {})]
+def _oracle_rows(seeds: dict[int, dict], runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Oracle − supervised-only (``table1``'s, else ``table1_clean``'s: the same student, seed and
+    split; cleaning changes only the pseudo-labels): the most any teacher's pseudo-labels could
+    add at this student budget."""
+    pairs = []
+    for seed, m in sorted(seeds.items()):
+        sup = next((runs[v][seed]["student_supervised"] for v in ("table1", "table1_clean")
+                    if "student_supervised" in runs.get(v, {}).get(seed, {})), None)
+        if "student_oracle" in m and sup is not None:
+            pairs.append((m["student_oracle"], sup))
     if not pairs:
         return []
     diff = {k: [o[k] - s[k] for o, s in pairs] for k in ("AP", "AP50")}
-    return [f"| oracle − supervised-only (table1, paired by seed) | {_mean_sd(diff['AP'])} | "
-            f"{_mean_sd(diff['AP50'])} |"]
+    return [f"| oracle − supervised-only (table1, paired by seed) | {_paired(diff['AP'])} | "
+            f"{_paired(diff['AP50'])} |"]
 
 
 def render(out: Path) -> str:
@@ -323,17 +347,10 @@ def render(out: Path) -> str:
                 ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]
                 if ap:
                     lines.append(f"| {label} | {_mean_sd(ap)} | {_mean_sd(ap50)} |")
-            # Seeds draw their own split (val too), so the spread of a row mixes split and training
-            # noise; CAST minus supervised-only within each seed compares like with like.
-            paired = [s for s in seeds.values() if all((s.get(k) or {}).get("AP") is not None
-                                                       for k in ("student_refined", "student_supervised"))]
-            if len(paired) > 1:
-                diff = {metric: [s["student_refined"][metric] - s["student_supervised"][metric] for s in paired]
-                        for metric in ("AP", "AP50")}
-                lines.append(f"| refined − supervised-only (paired by seed) | {_mean_sd(diff['AP'])} | "
-                             f"{_mean_sd(diff['AP50'])} |")
+            lines += _paired_row(seeds, "student_refined", "student_supervised", "refined − supervised-only")
+            lines += _paired_row(seeds, "student_refined", "classical_baseline", "refined − classical")
             lines += _extra_rows(list(seeds.values()), variant)
-            lines += _oracle_rows(seeds, runs.get("table1", {}))
+            lines += _oracle_rows(seeds, runs)
             lines.append("")
     eff = out / "efficiency.json"
     if eff.is_file():
