@@ -44,6 +44,24 @@ def _at_grid(x: Tensor, hw: tuple[int, int]) -> Tensor:
     return x[:, rows][:, :, cols]
 
 
+def _predict(model: nn.Module, batches: list[dict[str, Any]], use_pxl: bool,
+             device: torch.device) -> tuple[dict[str, Any], Tensor | None]:
+    """The model's outputs on the batches' images stacked in order, and (with L_pxl) the
+    no-grad embeddings of their strong views [ΣB,D,Hp/e,Wp/e] (else None).
+
+    One gradient-carrying forward over all batches, so DDP sees one forward per step (and
+    reduces gradients while backward runs); per-image results equal separate forwards."""
+    pred_all = model(_stack_padded([b["images"].to(device) for b in batches]), return_embeddings=use_pxl)
+    if not use_pxl:
+        return pred_all, None
+    if any(b.get("images_strong") is None for b in batches):
+        raise ValueError("L_pxl needs 'images_strong' in the batch (build the dataset with strong_view=True)")
+    with torch.no_grad():
+        strong = model(_stack_padded([b["images_strong"].to(device) for b in batches]),
+                       return_embeddings=True)["embeddings"]
+    return pred_all, strong
+
+
 def _stack_padded(images: list[Tensor]) -> Tensor:
     """``[B_i,3,H_i,W_i]`` batches → one ``[ΣB_i,3,H,W]`` batch, zero-padded bottom/right (the
     collate's own padding convention, so each image keeps its pixels and its valid map)."""
@@ -141,17 +159,7 @@ class CastObjective(nn.Module):
         parts = [(name, batch, use_set) for name, batch, use_set in
                  (("sup", labeled_batch, True), ("semi", unlabeled_batch if use_unlabeled else None,
                                                  self.lambda_semi > 0)) if batch is not None]
-        # One gradient-carrying forward over both batches, so DDP sees one forward per step
-        # (and reduces gradients while backward runs); per-image results equal separate forwards.
-        images = _stack_padded([b["images"].to(device) for _, b, _ in parts])
-        pred_all = model(images, return_embeddings=use_pxl)
-        strong_all = None
-        if use_pxl:
-            if any(b.get("images_strong") is None for _, b, _ in parts):
-                raise ValueError("L_pxl needs 'images_strong' in the batch (build the dataset with strong_view=True)")
-            with torch.no_grad():
-                strong_all = model(_stack_padded([b["images_strong"].to(device) for _, b, _ in parts]),
-                                   return_embeddings=True)["embeddings"]
+        pred_all, strong_all = _predict(model, [b for _, b, _ in parts], use_pxl, device)
         pxl_parts: list[dict[str, Tensor]] = []
         start = 0
         for name, batch, use_set in parts:
