@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from castseg.config import TrainConfig
-from castseg.engine import BatchStream, Trainer, init_distributed, unwrap_model
+from castseg.engine import BatchStream, Trainer, cleanup_distributed, init_distributed, unwrap_model
 
 DIM = 8
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = [v.flatten().tolist() for _, v in sorted(unwrap_model(trainer.model).state_dict().items())]
         out.write_text(f"{weights_hash(trainer.model)} {(result.get('val') or {}).get('mse')}\n"
                        + json.dumps(weights) + "\n")
-    if info.enabled:
-        torch.distributed.destroy_process_group()
+    # as the CLI does: a rank tearing gloo down while rank 0 still writes aborts a finished run
+    cleanup_distributed(synchronize=True)
     return 0
 
 
