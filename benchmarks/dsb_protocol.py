@@ -280,15 +280,15 @@ def _paired(diff: list[float]) -> str:
     return f"{_mean_sd(diff)}; standard error {100 * statistics.stdev(diff) / len(diff) ** 0.5:.2f}"
 
 
-def _paired_row(seeds: dict[int, dict], a: str, b: str, label: str) -> list[str]:
+def _paired_row(seeds: dict[int, dict], a: str, b: str, label: str, min_seeds: int = 2) -> list[str]:
     """Row ``a`` minus row ``b`` within each seed. Seeds draw their own split (val too), so the
     spread of a row mixes split and training noise; a difference within a seed compares like with
     like."""
     paired = [m for m in seeds.values() if all((m.get(k) or {}).get("AP") is not None for k in (a, b))]
-    if len(paired) < 2:
+    if len(paired) < min_seeds:
         return []
     diff = {metric: [m[a][metric] - m[b][metric] for m in paired] for metric in ("AP", "AP50")}
-    return [f"| {label} (paired by seed) | {_paired(diff['AP'])} | {_paired(diff['AP50'])} |"]
+    return [f"| {label} | {_paired(diff['AP'])} | {_paired(diff['AP50'])} |"]
 
 
 def _extra_rows(runs: list[dict], variant: str) -> list[str]:
@@ -312,17 +312,14 @@ def _oracle_rows(seeds: dict[int, dict], runs: dict[str, dict[int, dict]]) -> li
     """Oracle − supervised-only (``table1``'s, else ``table1_clean``'s: the same student, seed and
     split; cleaning changes only the pseudo-labels): the most any teacher's pseudo-labels could
     add at this student budget."""
-    pairs = []
-    for seed, m in sorted(seeds.items()):
-        sup = next((runs[v][seed]["student_supervised"] for v in ("table1", "table1_clean")
-                    if "student_supervised" in runs.get(v, {}).get(seed, {})), None)
-        if "student_oracle" in m and sup is not None:
-            pairs.append((m["student_oracle"], sup))
-    if not pairs:
-        return []
-    diff = {k: [o[k] - s[k] for o, s in pairs] for k in ("AP", "AP50")}
-    return [f"| oracle − supervised-only (table1, paired by seed) | {_paired(diff['AP'])} | "
-            f"{_paired(diff['AP50'])} |"]
+    def supervised(seed: int) -> dict | None:
+        return next((runs[v][seed]["student_supervised"] for v in ("table1", "table1_clean")
+                     if "student_supervised" in runs.get(v, {}).get(seed, {})), None)
+
+    beside = {seed: {"student_oracle": m.get("student_oracle"), "student_supervised": supervised(seed)}
+              for seed, m in sorted(seeds.items())}
+    return _paired_row(beside, "student_oracle", "student_supervised",
+                       "oracle − supervised-only (table1, paired by seed)", min_seeds=1)
 
 
 def render(out: Path) -> str:
@@ -347,8 +344,8 @@ def render(out: Path) -> str:
                 ap50 = [m[key]["AP50"] for m in seeds.values() if (m.get(key) or {}).get("AP50") is not None]
                 if ap:
                     lines.append(f"| {label} | {_mean_sd(ap)} | {_mean_sd(ap50)} |")
-            lines += _paired_row(seeds, "student_refined", "student_supervised", "refined − supervised-only")
-            lines += _paired_row(seeds, "student_refined", "classical_baseline", "refined − classical")
+            for other, name in (("student_supervised", "supervised-only"), ("classical_baseline", "classical")):
+                lines += _paired_row(seeds, "student_refined", other, f"refined − {name} (paired by seed)")
             lines += _extra_rows(list(seeds.values()), variant)
             lines += _oracle_rows(seeds, runs)
             lines.append("")
