@@ -11,6 +11,11 @@ the mean. Compare it with the standard error across seeds: where the two are ali
 images (not more seeds or a better teacher) are what shrinks the error bar.
 
     python benchmarks/paired_bootstrap.py --out runs/curves --variant table1_clean --seeds 0 1 2
+    python benchmarks/paired_bootstrap.py --out runs/long2000 --variant oracle --baseline supervised
+
+``--variant oracle`` pairs the oracle student (all train labels) with the supervised-only student
+of the seed's ``--baseline`` run folder (same split, val images and budget); every other variant
+pairs its own refined and supervised-only rows.
 """
 
 from __future__ import annotations
@@ -32,20 +37,34 @@ from castseg.evaluate import evaluate_model
 from castseg.pseudo_labels import load_teacher
 from castseg.trainable import val_kwargs
 
-ROWS = {"refined": "student_refined", "supervised": "student_supervised"}
+Row = tuple[Path, str]  # (run folder, metrics.json key of the student's row)
 
 
-def predictions(run_dir: Path, cfg: RunConfig, metrics: dict) -> dict[str, list[dict]]:
-    """Val result records of each row's checkpoint, cached beside the run (``bootstrap/``)."""
-    out = {}
-    for row, key in ROWS.items():
-        path = run_dir / "bootstrap" / f"{row}.results.json"
-        if not path.is_file():
-            path.parent.mkdir(exist_ok=True)
-            teacher, _ = load_teacher(metrics[key]["checkpoint"], fingerprint=False)
-            evaluate_model(teacher.trainable().module(), cfg.data.val, results_path=path, **val_kwargs(cfg))
-        out[row] = json.loads(path.read_text())
-    return out
+def pair(out: Path, protocol: str, variant: str, baseline: str | None, seed: int) -> dict[str, Row]:
+    """The two students of one seed to compare: ``treated`` − ``supervised``."""
+    run = out / protocol / f"{variant}_s{seed}"
+    treated = "student_oracle" if variant == "oracle" else "student_refined"
+    return {"treated": (run, treated), "supervised": (out / protocol / f"{baseline or variant}_s{seed}",
+                                                      "student_supervised")}
+
+
+def row_metrics(row: Row) -> dict:
+    run_dir, key = row
+    done = run_dir / "metrics.json"
+    metrics = json.loads(done.read_text()) if done.is_file() else {}
+    if key not in metrics:
+        raise SystemExit(f"{done}: lacks {key} (run the variant to its end first)")
+    return metrics[key]
+
+
+def predictions(row: Row, cfg: RunConfig, metrics: dict) -> list[dict]:
+    """Val result records of the row's checkpoint, cached beside its run (``bootstrap/``)."""
+    path = row[0] / "bootstrap" / f"{row[1]}.results.json"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        teacher, _ = load_teacher(metrics["checkpoint"], fingerprint=False)
+        evaluate_model(teacher.trainable().module(), cfg.data.val, results_path=path, **val_kwargs(cfg))
+    return json.loads(path.read_text())
 
 
 def redrawn(gt: CocoData, dets_by_image: dict[int, list[dict]], draw: np.ndarray) -> tuple[dict, list[dict]]:
@@ -61,32 +80,32 @@ def redrawn(gt: CocoData, dets_by_image: dict[int, list[dict]], draw: np.ndarray
     return new_gt, new_records
 
 
-def bootstrap(run_dir: Path, draws: int, seed: int) -> dict[str, float]:
-    cfg = load_config(run_dir / "config.yaml")
-    done = run_dir / "metrics.json"
-    metrics = json.loads(done.read_text()) if done.is_file() else {}
-    missing = [key for key in ROWS.values() if key not in metrics]
-    if missing:
-        raise SystemExit(f"{done}: lacks {', '.join(missing)} (run the variant to its end first)")
+def bootstrap(rows: dict[str, Row], draws: int, seed: int) -> dict[str, float]:
+    cfg = load_config(rows["treated"][0] / "config.yaml")
+    base_cfg = load_config(rows["supervised"][0] / "config.yaml")
+    if Path(base_cfg.data.val).resolve() != Path(cfg.data.val).resolve():
+        raise SystemExit(f"{rows['supervised'][0]}: its val set is not {rows['treated'][0]}'s")
+    metrics = {name: row_metrics(row) for name, row in rows.items()}
     gt = load_gt(cfg.data.val)
-    preds = predictions(run_dir, cfg, metrics)
-    full = {row: evaluate_coco(gt, recs, max_dets=cfg.eval.max_dets)["AP"] for row, recs in preds.items()}
-    for row, key in ROWS.items():  # cached predictions too: a stale cache must not change the numbers
-        if not math.isclose(full[row], metrics[key]["AP"], abs_tol=1e-4):
-            raise SystemExit(f"{run_dir}: {row} AP {full[row]:.6f} here, {metrics[key]['AP']:.6f} in metrics.json")
-    by_image = {row: {i: [r for r in recs if r["image_id"] == i] for i in gt.image_by_id} for row, recs in preds.items()}
+    preds = {name: predictions(row, cfg, metrics[name]) for name, row in rows.items()}
+    full = {name: evaluate_coco(gt, recs, max_dets=cfg.eval.max_dets)["AP"] for name, recs in preds.items()}
+    for name, (run_dir, key) in rows.items():  # cached predictions too: a stale cache must not change the numbers
+        if not math.isclose(full[name], metrics[name]["AP"], abs_tol=1e-4):
+            raise SystemExit(f"{run_dir}: {key} AP {full[name]:.6f} here, {metrics[name]['AP']:.6f} in metrics.json")
+    by_image = {name: {i: [r for r in recs if r["image_id"] == i] for i in gt.image_by_id}
+                for name, recs in preds.items()}
     ids = np.array(list(gt.image_by_id))
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(draws):
         draw = rng.choice(ids, size=len(ids), replace=True)
         ap = {}
-        for row in preds:
-            g, r = redrawn(gt, by_image[row], draw)
-            ap[row] = evaluate_coco(g, r, max_dets=cfg.eval.max_dets)["AP"]
-        diffs.append(100 * (ap["refined"] - ap["supervised"]))
+        for name in preds:
+            g, r = redrawn(gt, by_image[name], draw)
+            ap[name] = evaluate_coco(g, r, max_dets=cfg.eval.max_dets)["AP"]
+        diffs.append(100 * (ap["treated"] - ap["supervised"]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"difference": 100 * (full["refined"] - full["supervised"]), "val_se": statistics.stdev(diffs),
+    return {"difference": 100 * (full["treated"] - full["supervised"]), "val_se": statistics.stdev(diffs),
             "lo": float(lo), "hi": float(hi), "images": len(ids)}
 
 
@@ -97,9 +116,14 @@ def main() -> None:
     ap.add_argument("--variant", required=True)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--baseline", help="the variant whose run folder holds the supervised-only student "
+                                       "(default: --variant's own; `supervised` for --variant oracle)")
     args = ap.parse_args()
-    rows = {s: bootstrap(args.out / args.protocol / f"{args.variant}_s{s}", args.draws, seed=s) for s in args.seeds}
-    print(f"**{args.variant}: refined − supervised-only, mask AP (%), {args.draws} val redraws per seed**\n")
+    baseline = args.baseline or ("supervised" if args.variant == "oracle" else None)
+    rows = {s: bootstrap(pair(args.out, args.protocol, args.variant, baseline, s), args.draws, seed=s)
+            for s in args.seeds}
+    treated = "oracle" if args.variant == "oracle" else "refined"
+    print(f"**{args.variant}: {treated} − supervised-only, mask AP (%), {args.draws} val redraws per seed**\n")
     print("| seed | val images | difference | standard error from the val images | 95 % of redraws |")
     print("|---|---|---|---|---|")
     for s, r in rows.items():
