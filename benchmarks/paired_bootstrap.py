@@ -41,11 +41,13 @@ Row = tuple[Path, str]  # (run folder, metrics.json key of the student's row)
 
 
 def pair(out: Path, protocol: str, variant: str, baseline: str | None, seed: int) -> dict[str, Row]:
-    """The two students of one seed to compare: ``treated`` − ``supervised``."""
-    run = out / protocol / f"{variant}_s{seed}"
-    treated = "student_oracle" if variant == "oracle" else "student_refined"
-    return {"treated": (run, treated), "supervised": (out / protocol / f"{baseline or variant}_s{seed}",
-                                                      "student_supervised")}
+    """The two students of one seed to compare: ``treated`` − ``supervised``. The oracle's run
+    folder has no supervised-only student of its own: it pairs with ``baseline`` (default
+    ``supervised``); every other variant with its own folder's."""
+    oracle = variant == "oracle"
+    treated = (out / protocol / f"{variant}_s{seed}", "student_oracle" if oracle else "student_refined")
+    baseline = baseline or ("supervised" if oracle else variant)
+    return {"treated": treated, "supervised": (out / protocol / f"{baseline}_s{seed}", "student_supervised")}
 
 
 def row_metrics(row: Row) -> dict:
@@ -85,6 +87,11 @@ def bootstrap(rows: dict[str, Row], draws: int, seed: int) -> dict[str, float]:
     base_cfg = load_config(rows["supervised"][0] / "config.yaml")
     if Path(base_cfg.data.val).resolve() != Path(cfg.data.val).resolve():
         raise SystemExit(f"{rows['supervised'][0]}: its val set is not {rows['treated'][0]}'s")
+    # the oracle trains with the supervised stage's budget too: a pair must share it
+    steps = {name: c.stage_train("supervised").max_steps for name, c in (("treated", cfg), ("supervised", base_cfg))}
+    if steps["treated"] != steps["supervised"]:
+        raise SystemExit(f"{rows['supervised'][0]}: supervised budget {steps['supervised']} steps, "
+                         f"{rows['treated'][0]}'s is {steps['treated']}")
     metrics = {name: row_metrics(row) for name, row in rows.items()}
     gt = load_gt(cfg.data.val)
     preds = {name: predictions(row, cfg, metrics[name]) for name, row in rows.items()}
@@ -119,10 +126,9 @@ def main() -> None:
     ap.add_argument("--baseline", help="the variant whose run folder holds the supervised-only student "
                                        "(default: --variant's own; `supervised` for --variant oracle)")
     args = ap.parse_args()
-    baseline = args.baseline or ("supervised" if args.variant == "oracle" else None)
-    rows = {s: bootstrap(pair(args.out, args.protocol, args.variant, baseline, s), args.draws, seed=s)
-            for s in args.seeds}
-    treated = "oracle" if args.variant == "oracle" else "refined"
+    pairs = {s: pair(args.out, args.protocol, args.variant, args.baseline, s) for s in args.seeds}
+    rows = {s: bootstrap(p, args.draws, seed=s) for s, p in pairs.items()}
+    treated = pairs[args.seeds[0]]["treated"][1].removeprefix("student_")
     print(f"**{args.variant}: {treated} − supervised-only, mask AP (%), {args.draws} val redraws per seed**\n")
     print("| seed | val images | difference | standard error from the val images | 95 % of redraws |")
     print("|---|---|---|---|---|")
