@@ -56,7 +56,10 @@ DEFAULT_OUT = ROOT / "src" / "castseg" / "assets" / "standins"
 # phase's "data" entry overrides DATA.
 MODELS = {
     "teacher": ({"preset": "lite_teacher"},
-                [{"max_steps": 1500, "lr": 5e-4, "warmup_steps": 100}]),
+                [{"max_steps": 1500, "lr": 5e-4, "warmup_steps": 100},
+                 # phase 2 (2026-12-07): the source-val AP was still the recipe's only signal, so
+                 # this phase validates every 350 steps to show whether more steps still pay
+                 {"max_steps": 1400, "lr": 3e-4, "warmup_steps": 50, "val_every": 350}]),
     "student": ({"preset": "lite_student"},
                 [{"max_steps": 800, "lr": 8e-4, "warmup_steps": 50}]),
 }
