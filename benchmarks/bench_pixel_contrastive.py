@@ -95,7 +95,7 @@ def bench_loss(He: int, We: int, c1: int, samplers: tuple[str, ...], repeats: in
     """Every sampler on the same inputs, called round-robin (rotating the order each round) so
     that load changes on a shared machine hit all of them alike; medians over ``repeats``."""
     zw, zs, masks, cls = loss_inputs(He, We, c1)
-    fns = {s: PixelContrastiveLoss(sampler=s) for s in samplers}
+    fns = {s: PixelContrastiveLoss(sampler=s, timed=True) for s in samplers}
     g = torch.Generator().manual_seed(1)
     res = {s: {"ms": [], "sampler_ms": []} for s in samplers}
 
@@ -141,7 +141,7 @@ def bench_step(model, sampler: str, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     weak = torch.rand(2, 3, *IMAGE, generator=g)
     strong = (weak * 0.8 + 0.1).clamp(0, 1)       # photometric change only: same pixels
-    fn = PixelContrastiveLoss(sampler=sampler)
+    fn = PixelContrastiveLoss(sampler=sampler, timed=True)
     res = {"ms": [], "sampler_ms": [], "mib": float("nan")}
     for i in range(repeats):
         model.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from castseg.losses.set_loss import SetLoss
 
 
-def _pad(x: Tensor, h: int, w: int, value: Any = 0) -> Tensor:
+def pad_to(x: Tensor, h: int, w: int, value: Any = 0) -> Tensor:
     """Pad the last two dims of ``x`` bottom/right to ``(h, w)``."""
     return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]), value=value)
 
@@ -51,24 +51,24 @@ def _predict(model: nn.Module, batches: list[dict[str, Any]], use_pxl: bool,
 
     One gradient-carrying forward over all batches, so DDP sees one forward per step (and
     reduces gradients while backward runs); per-image results equal separate forwards."""
-    pred_all = model(_stack_padded([b["images"].to(device) for b in batches]), return_embeddings=use_pxl)
+    pred_all = model(stack_padded([b["images"].to(device) for b in batches]), return_embeddings=use_pxl)
     if not use_pxl:
         return pred_all, None
     if any(b.get("images_strong") is None for b in batches):
         raise ValueError("L_pxl needs 'images_strong' in the batch (build the dataset with strong_view=True)")
     with torch.no_grad():
-        strong = model(_stack_padded([b["images_strong"].to(device) for b in batches]),
+        strong = model(stack_padded([b["images_strong"].to(device) for b in batches]),
                        return_embeddings=True)["embeddings"]
     return pred_all, strong
 
 
-def _stack_padded(images: list[Tensor]) -> Tensor:
+def stack_padded(images: list[Tensor]) -> Tensor:
     """``[B_i,3,H_i,W_i]`` batches → one ``[ΣB_i,3,H,W]`` batch, zero-padded bottom/right (the
     collate's own padding convention, so each image keeps its pixels and its valid map)."""
     if len(images) == 1:
         return images[0]
     h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
-    return torch.cat([_pad(x, h, w) for x in images])
+    return torch.cat([pad_to(x, h, w) for x in images])
 
 
 def _slice_outputs(pred: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class CastObjective(nn.Module):
             ``loss`` (differentiable) = ``loss_sup`` + λ_semi·``loss_semi`` + λ_pxl·``loss_pxl``
             (a skipped or absent term is a detached 0); detached final-layer terms
             ``sup_loss_ce/_mask/_dice`` and ``semi_…``; L_pxl's monitors as detached scalars
-            ``pxl_margin``, ``pxl_fnr``, ``pxl_sampler_ms``, … (NaN when not computed).
+            ``pxl_margin``, ``pxl_fnr``, … (NaN when not computed).
         """
         if labeled_batch is None and unlabeled_batch is None:
             raise ValueError("CastObjective needs a labeled and/or an unlabeled batch")
@@ -178,9 +178,9 @@ class CastObjective(nn.Module):
             out["loss_pxl"], stats = self._pixel_loss(pxl_parts, step, generator)
         else:
             stats = {}
-        for k in ("margin", "fnr", "sampler_ms"):
-            stats.setdefault(k, math.nan)
-        out.update({f"pxl_{k}": torch.tensor(float(v), device=device) for k, v in stats.items()})
+        for k in ("margin", "fnr"):
+            stats.setdefault(k, torch.tensor(math.nan, device=device))
+        out.update({f"pxl_{k}": torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in stats.items()})
         out["loss"] = out["loss_sup"] + self.lambda_semi * out["loss_semi"] + self.lambda_pxl * out["loss_pxl"]
         return out
 
@@ -202,8 +202,8 @@ class CastObjective(nn.Module):
             v = valid[i]
             if t.get("ignore") is not None:
                 v = v & ~t["ignore"].to(device)  # crowd pixels count as neither object nor background
-            v = _pad(v, Hp, Wp, False)
-            masks = _pad(t["masks"].to(device), Hp, Wp, False)
+            v = pad_to(v, Hp, Wp, False)
+            masks = pad_to(t["masks"].to(device), Hp, Wp, False)
             tgt = {"labels": t["labels"].to(device), "masks": masks, "valid": v}
             if t.get("weights") is not None:
                 tgt["weights"] = torch.as_tensor(t["weights"], dtype=torch.float32, device=device)
@@ -231,7 +231,7 @@ class CastObjective(nn.Module):
                 torch.full((n, *hw), -1, dtype=torch.int64, device=device)}
 
     def _pixel_loss(self, parts: list[dict[str, Tensor]], step: int | None, generator: torch.Generator | None
-                    ) -> tuple[Tensor, dict[str, float]]:
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         """L_pxl over labeled ∪ unlabeled. Batches with the same grids are concatenated, so one
         negative pool spans both (METHOD.md: a pool of the whole batch); otherwise each is
         scored alone and the losses (and monitors) are averaged weighted by image count."""
@@ -244,14 +244,16 @@ class CastObjective(nn.Module):
             losses.append(self.pixel_loss(p["z_weak"], p["z_strong"], p["mask_logits"], p["class_logits"],
                                           instance_ids=p["instance_ids"], valid=p["valid"], step=step,
                                           generator=generator))
-            stats.append(dict(getattr(self.pixel_loss, "last_stats", {}) or {}))
+            stats.append(dict(getattr(self.pixel_loss, "last_stats_tensors", {}) or {}))
             sizes.append(len(p["z_weak"]))
         if len(parts) == 1:
             return losses[0], stats[0]
         total = sum(sizes)
         loss = sum(part * (n / total) for part, n in zip(losses, sizes))
         merged = {}
-        for k in set().union(*stats):
-            vals = [(s[k], n) for s, n in zip(stats, sizes) if k in s and not math.isnan(s[k])]
-            merged[k] = sum(v * n for v, n in vals) / sum(n for _, n in vals) if vals else math.nan
+        for k in set().union(*stats):  # image-weighted mean of the monitors that are not NaN (no host sync)
+            vals = torch.stack([s[k] for s in stats if k in s])
+            n = torch.tensor([float(m) for s, m in zip(stats, sizes) if k in s], device=vals.device)
+            n = n * ~vals.isnan()
+            merged[k] = torch.where(n.sum() > 0, (vals.nan_to_num() * n).sum() / n.sum().clamp(min=1), vals.sum() * math.nan)
         return loss, merged

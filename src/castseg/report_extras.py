@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 MODELS = (("teacher_adapted", "teacher (adapted)"), ("student_refined", "student (refined)"))
 
 
-def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, repeats: int = 3
-                  ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, bytes]]]:
-    """``({label: {params, gflops, latency_ms}}, [(caption, PNG bytes), ...])``."""
+def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, repeats: int = 3,
+                  device: str = "cpu") -> tuple[dict[str, dict[str, Any]], list[tuple[str, bytes]]]:
+    """``({label: {params, gflops, latency_ms, device}}, [(caption, PNG bytes), ...])``; the
+    latency is measured on ``device`` (the run's: a GPU run reports GPU latencies)."""
     from castseg.bench import bench_predictor_forward
     from castseg.data.coco_io import load_coco
     from castseg.data.images import read_image
@@ -37,10 +38,11 @@ def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, 
         ckpt = (metrics.get(key) or {}).get("checkpoint")
         if not ckpt:
             continue
-        pred = load_predictor(ckpt, topk=cfg.eval.topk, score_threshold=0.3)
+        pred = load_predictor(ckpt, topk=cfg.eval.topk, score_threshold=0.3, device=device)
         efficiency[label] = {"params": pred.num_parameters(), "gflops": pred.gflops(views[0]),
-                             "latency_ms": bench_predictor_forward(pred, views[0], repeats)["median_ms"]}
+                             "latency_ms": bench_predictor_forward(pred, views[0], repeats, device)["median_ms"],
+                             "device": device}
         for i, (img, x) in enumerate(zip(images, views)):
-            masks = resize_masks(pred(x)[0]["masks"], img.shape[:2])
+            masks = resize_masks(pred(x)[0]["masks"], img.shape[:2]).cpu()
             panels.setdefault(i, []).append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
     return efficiency, [p for i in sorted(panels) for p in panels[i]]

@@ -34,7 +34,8 @@ from castseg.data.dataset import CocoInstanceDataset, collate_instances
 from castseg.data.split import sha256_file
 from castseg.data.transforms import WeakView
 from castseg.engine import BatchStream, Trainer, unwrap_model
-from castseg.engine.checkpointing import weights_sha256
+from castseg.engine.checkpointing import weights_sha256, write_dir_atomic
+from castseg.engine.distributed import DistInfo, barrier, init_distributed, on_main
 from castseg.errors import CastsegError, InputError
 from castseg.models import build_student, load_checkpoint
 from castseg.models.teacher_factory import build_teacher
@@ -103,11 +104,19 @@ def train_stage(name: str, model: Trainable, cfg: RunConfig, run_dir: Path, clas
                       run_config=cfg.to_dict(), inputs=stage_inputs(cfg, lambda_semi, lambda_pxl, pseudo_labels))
     result = trainer.fit(resume=resume)
     _debug_rank_weights(trainer, name)
-    if trainer.dist.is_main:
-        saved = model.save(trainer.model, run_dir / name / "teacher")
-        if saved is not None:
-            result = {**result, "checkpoint": str(saved)}
+    if model.saves:  # e.g. Grounding DINO + SAM2: its own folder format beside the checkpoints
+        folder = run_dir / name / "teacher"
+        if trainer.dist.is_main:  # written whole or not at all: a reader never sees half a teacher
+            write_dir_atomic(folder, lambda tmp: model.save(trainer.model, tmp))
+        barrier(trainer.dist)  # every rank reads this folder next (stage 1b's pseudo-labels)
+        result = {**result, "checkpoint": str(folder)}
     return result
+
+
+def run_dist(cfg: RunConfig) -> DistInfo:
+    """This process's place in the job and its device (``train.device``; under torchrun each
+    rank's own GPU), joining the process group with the backend that device needs."""
+    return init_distributed(cfg.train.device)
 
 
 def _debug_rank_weights(trainer: Trainer, name: str) -> None:
@@ -149,7 +158,7 @@ def initial_teacher(cfg: RunConfig) -> tuple[Any, list[str]]:
     re-initialises — and the class names it is trained on."""
     if cfg.teacher is None:
         raise CastsegError("config: the run needs a teacher section (e.g. teacher: {type: checkpoint, path: P})")
-    teacher = build_teacher(cfg.teacher).train()
+    teacher = build_teacher(cfg.teacher).to(run_dist(cfg).device).train()
     return teacher, teacher.class_names or _class_names(cfg)
 
 
@@ -157,7 +166,7 @@ def pseudo_label(teacher_path: str | Path, cfg: RunConfig, out: Path, resume: bo
     """Run a frozen teacher once over D_u into a cached COCO results file (resumable; a cache
     by another teacher is refused, or set aside with ``resume="auto"``, redone with False)."""
     opts = cfg.pseudo_labels
-    teacher, info = load_teacher(teacher_path)
+    teacher, info = load_teacher(teacher_path, device=run_dist(cfg).device)
     if opts.tta:  # e.g. [h, v]: the teacher on flipped views, fused (castseg.models.tta)
         from castseg.models.tta import with_tta
 
@@ -168,16 +177,20 @@ def pseudo_label(teacher_path: str | Path, cfg: RunConfig, out: Path, resume: bo
 
 
 def evaluate_teacher(teacher: Any, cfg: RunConfig, label: str) -> dict[str, Any]:
-    """Val AP / AP50 of a teacher as built (θ_T⁰: the zero-shot row)."""
-    trainable = teacher.trainable()
-    evaluate = trainable.evaluator(cfg)
-    stats = evaluate(trainable.module()) if evaluate is not None else {}
-    return {"AP": stats.get("AP"), "AP50": stats.get("AP50"), "checkpoint": label}
+    """Val AP / AP50 of a teacher as built (θ_T⁰: the zero-shot row), on the run's device, by
+    rank 0 alone (the other ranks wait and get its row)."""
+    def run() -> dict[str, Any]:
+        trainable = teacher.trainable()
+        evaluate = trainable.evaluator(cfg)
+        stats = evaluate(trainable.module()) if evaluate is not None else {}
+        return {"AP": stats.get("AP"), "AP50": stats.get("AP50"), "checkpoint": label}
+
+    return on_main(run, run_dist(cfg))
 
 
 def evaluate_checkpoint(path: str | Path, cfg: RunConfig) -> dict[str, Any]:
     """Val AP / AP50 of a saved model or teacher (anything ``load_teacher`` reads)."""
-    teacher, _ = load_teacher(path, fingerprint=False)
+    teacher, _ = load_teacher(path, device=run_dist(cfg).device, fingerprint=False)
     return evaluate_teacher(teacher, cfg, str(path))
 
 
@@ -191,7 +204,7 @@ def run_adapt(cfg: RunConfig, run_dir: Path, resume: bool | str = True) -> tuple
     a = train_stage("adapt/a", teacher.trainable(), cfg, run_dir, names, 0.0, cfg.loss.lambda_pxl, resume=resume)
     metrics["teacher_adapted_a"] = _row(a)
     pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json", resume)
-    run_checks.merge_rows(metrics, run_checks.pseudo_label_rows(cfg, "adapt_a", pl))
+    run_checks.merge_rows(metrics, pseudo_label_rows(cfg, "adapt_a", pl))
     teacher, names = initial_teacher(cfg)  # re-initialised from θ_T⁰, not from θ_T'
     c = train_stage("adapt/c", teacher.trainable(), cfg, run_dir, names, 1.0, cfg.loss.lambda_pxl,
                     pseudo_labels=pl, resume=resume)
@@ -203,7 +216,7 @@ def run_distill(cfg: RunConfig, run_dir: Path, teacher_path: str | Path, resume:
                 ) -> tuple[torch.nn.Module, Metrics]:
     """Stage 2: frozen θ_T'' pseudo-labels D_u once; the student trains on J(λ_semi, λ_pxl)."""
     pl = pseudo_label(teacher_path, cfg, run_dir / "pseudo_labels" / "teacher.json", resume)
-    metrics = run_checks.pseudo_label_rows(cfg, "teacher", pl)
+    metrics = pseudo_label_rows(cfg, "teacher", pl)
     student, row = distill_from_cache(cfg, run_dir, pl, resume)
     return student, {**metrics, **row}
 
@@ -225,6 +238,11 @@ def run_refine(cfg: RunConfig, run_dir: Path, student: torch.nn.Module, resume: 
     return {key: _row(r)}
 
 
+def pseudo_label_rows(cfg: RunConfig, key: str, cache: Path) -> Metrics:
+    """:func:`castseg.run_checks.pseudo_label_rows`, computed by rank 0 alone."""
+    return on_main(lambda: run_checks.pseudo_label_rows(cfg, key, cache), run_dist(cfg))
+
+
 def _class_names(cfg: RunConfig) -> list[str]:
     from castseg.data.coco_io import load_coco
 
@@ -234,25 +252,41 @@ def _class_names(cfg: RunConfig) -> list[str]:
 def run_all(cfg: RunConfig, run_dir: Path, resume: bool | str = True, report: bool = True) -> Metrics:
     """All of CAST plus the supervised-only student from θ_s⁰ (with the ``supervised`` budget,
     stage 3's when unset), the premise ratio and (with ``data.unlabeled_gt``) the pseudo-labels'
-    AP (:mod:`castseg.run_checks`)."""
+    AP (:mod:`castseg.run_checks`). Under torchrun every rank trains; rank 0 alone evaluates
+    teachers, scores pseudo-labels and writes metrics.json and the report."""
+    info = run_dist(cfg)
     run_checks.load_unlabeled_gt(cfg)  # a wrong path or image set fails now, not after stage 1
     metrics: Metrics = {}
+
+    def save() -> None:
+        if info.is_main:
+            write_json(metrics, run_dir / "metrics.json", indent=1)
+
     teacher, rows = run_adapt(cfg, run_dir, resume)
-    write_json(run_checks.merge_rows(metrics, rows), run_dir / "metrics.json", indent=1)
+    run_checks.merge_rows(metrics, rows)
+    save()
     student, rows = run_distill(cfg, run_dir, teacher, resume)
-    write_json(run_checks.merge_rows(metrics, rows), run_dir / "metrics.json", indent=1)
+    run_checks.merge_rows(metrics, rows)
+    save()
     metrics.update(run_refine(cfg, run_dir, copy.deepcopy(student), resume))
     metrics.update(run_refine(cfg, run_dir, initial_student(cfg), resume, key="student_supervised",
                               name="supervised"))
     metrics["premise_ratio"] = run_checks.premise_ratio(metrics)
-    write_json(metrics, run_dir / "metrics.json", indent=1)
+    save()
     if report:
-        from castseg.report import write_report
-        from castseg.report_extras import report_extras
-
-        efficiency, overlays = report_extras(cfg, metrics)
-        metrics["efficiency"] = efficiency
-        write_json(metrics, run_dir / "metrics.json", indent=1)
-        write_report(run_dir, metrics, efficiency, stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"),
-                     overlays=overlays, title=f"castseg run: {run_dir.name}")
+        metrics["efficiency"] = on_main(lambda: _write_report(cfg, run_dir, metrics), info)
+        save()
     return metrics
+
+
+def _write_report(cfg: RunConfig, run_dir: Path, metrics: Metrics) -> dict[str, Any]:
+    """report.md / report.html (rank 0); returns the efficiency rows (params, GFLOPs, latency on
+    the run's device)."""
+    from castseg.report import write_report
+    from castseg.report_extras import report_extras
+
+    efficiency, overlays = report_extras(cfg, metrics, device=str(run_dist(cfg).device))
+    write_report(run_dir, {**metrics, "efficiency": efficiency}, efficiency,
+                 stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"), overlays=overlays,
+                 title=f"castseg run: {run_dir.name}")
+    return efficiency

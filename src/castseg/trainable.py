@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from castseg.config_sections import LossConfig
+from castseg.errors import CastsegError
+from castseg.objective import pad_to, stack_padded
 
 if TYPE_CHECKING:
     from castseg.config import RunConfig
@@ -29,6 +31,7 @@ class Trainable(Protocol):
     """A model as a stage trains it."""
 
     supports_pxl: bool  # False: L_pxl needs pixel embeddings the model does not have; λ_pxl is 0
+    saves: bool  # True: save() writes the trained model in its own format (else the engine's checkpoint is it)
 
     def module(self) -> nn.Module:
         """What the engine optimises, wraps in DDP and checkpoints."""
@@ -55,6 +58,7 @@ class CastTrainable:
     """A student-architecture network (the student; a checkpoint teacher) trained on CAST's J."""
 
     supports_pxl = True
+    saves = False
 
     def __init__(self, network: nn.Module):
         self.network = network
@@ -84,9 +88,16 @@ class CastTrainable:
 class TeacherTrainable:
     """Any :class:`~castseg.models.teacher.Teacher` trained through its own ``loss`` on the
     labeled and pseudo-labelled batches (for Grounding DINO + SAM2: its detection loss + SAM2
-    mask BCE/Dice). L_pxl does not apply: no pixel embeddings."""
+    mask BCE/Dice). L_pxl does not apply: no pixel embeddings.
+
+    The labeled and pseudo-labelled crops go through the teacher as **one** batch: one
+    gradient-carrying forward per step, which DistributedDataParallel needs (two forwards mark
+    parameters ready twice when one of them leaves a part unused), and one graph alive until
+    backward instead of two. The teacher's loss then normalises over the instances of both
+    (stage 1c weighs pseudo-labels as labels, λ_semi = 1; λ_semi = 0 leaves them out)."""
 
     supports_pxl = False
+    saves = True
 
     def __init__(self, teacher: Any):
         self.teacher = teacher
@@ -95,15 +106,18 @@ class TeacherTrainable:
         return self.teacher
 
     def loss_fn(self, class_names: list[str], loss: LossConfig, lambda_semi: float, lambda_pxl: float) -> LossFn:
+        if lambda_semi not in (0.0, 1.0):
+            raise CastsegError(f"a {type(self.teacher).__name__} teacher adapts on labeled and pseudo-labelled "
+                               f"crops as one batch: λ_semi must be 0 or 1, got {lambda_semi}")
+
         def run(m: nn.Module, batches: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-            terms: dict[str, torch.Tensor] = {}
-            total: Any = 0.0
-            for key, batch in batches.items():
-                targets = [{"labels": t["labels"], "masks": t["masks"]} for t in batch["targets"]]
-                out = m(batch["images"], targets, class_names)  # Teacher.forward is its loss; DDP hooks it
-                total = total + (lambda_semi if key == "unlabeled" else 1.0) * out["loss"]
-                terms.update({f"{key}_{k}": v.detach() for k, v in out.items() if k != "loss"})
-            return {"loss": total, **terms}
+            used = [b for key, b in batches.items() if key != "unlabeled" or lambda_semi > 0]
+            images = stack_padded([b["images"] for b in used])
+            h, w = images.shape[-2:]
+            targets = [{"labels": t["labels"], "masks": pad_to(t["masks"], h, w, False)}
+                       for b in used for t in b["targets"]]
+            out = m(images, targets, class_names)  # Teacher.forward is its loss; DDP hooks it
+            return {"loss": out["loss"], **{k: v.detach() for k, v in out.items() if k != "loss"}}
 
         return run
 

@@ -122,3 +122,27 @@ def test_more_targets_than_queries_matches_min():
     target = {"labels": torch.zeros(3, dtype=torch.int64), "masks": _blocks(3)}
     [(qi, ti)] = HungarianMatcher(num_points=64)(out, [target])
     assert len(qi) == len(ti) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_autocast_matches_fp32_assignment(dtype):
+    """Confident logits summed over Mask2Former's 12,544 points overflow fp16 (inf costs became
+    ±1e8 and arbitrary assignments); costs are computed in fp32 with autocast off, as in
+    Mask2Former, so fp16/bf16 training matches as fp32 does."""
+    n, q, c = 4, 10, 3
+    masks = torch.zeros(n, 64, 64, dtype=torch.bool)  # quadrants: ~3,100 of the points each
+    for i in range(n):
+        masks[i, 32 * (i // 2):32 * (i // 2 + 1), 32 * (i % 2):32 * (i % 2 + 1)] = True
+    labels = torch.arange(n) % c
+    slots = torch.randperm(q, generator=torch.Generator().manual_seed(0))[:n]
+    logits, pm = _perfect(masks, labels, slots, q, c)
+    pm = pm * 3.0  # ±30: confident, as a trained model's
+    matcher = HungarianMatcher(num_points=12544)
+    target = [{"labels": labels, "masks": masks}]
+    outputs = {"pred_logits": logits[None], "pred_masks": pm[None]}
+    ref = matcher(outputs, target, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=dtype):
+        cost = matcher.cost_matrix(logits, pm, target[0], torch.Generator().manual_seed(0))
+        got = matcher(outputs, target, generator=torch.Generator().manual_seed(0))
+    assert cost.dtype == torch.float32 and torch.isfinite(cost).all() and cost.abs().max() < 1e3
+    assert torch.equal(got[0][0], ref[0][0]) and torch.equal(got[0][0], slots)

@@ -23,12 +23,14 @@ import datetime as _dt
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from castseg.errors import CastsegError
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,30 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
     """``"auto"`` → ``cuda:<local_rank>`` when CUDA is available, else CPU; ``"cuda"`` gets the
-    local rank's GPU, so one config serves every process of a ``torchrun`` job."""
+    local rank's GPU (``LOCAL_RANK``, set by torchrun; 0 alone), so one config serves every
+    process of a ``torchrun`` job. ``"cuda:N"`` under a multi-process job would put every rank
+    on GPU N: refused with one line."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         return torch.device("cuda", local_rank)
-    return torch.device(spec)
+    dev = torch.device(spec)
+    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise CastsegError(f"device {spec!r} under torchrun would put every process on GPU {dev.index}; use "
+                           f"'cuda' or 'auto' (each process takes cuda:LOCAL_RANK) and choose GPUs with "
+                           f"CUDA_VISIBLE_DEVICES")
+    return dev
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job (or no job): the one process that writes a run's files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 3600) -> DistInfo:
@@ -136,6 +154,27 @@ def gather_bytes(data: bytes, info: DistInfo) -> list[bytes]:
     out = [torch.zeros_like(buf) for _ in range(info.world_size)]
     dist.all_gather(out, buf)
     return [bytes(o[: int(s)].cpu().numpy().tobytes()) for o, s in zip(out, sizes)]
+
+
+def on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` on rank 0 only, its JSON-able result returned on every rank (the others wait: a
+    barrier too). Work that every rank would repeat (evaluation, scoring, reports) runs once.
+    An error on rank 0 is raised there as itself and on the other ranks as one line naming rank
+    0 (exceptions need not pickle), so no rank is left waiting in a collective."""
+    if not info.enabled:
+        return fn()
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 — re-raised below, after the peers are told
+            error = e
+    ok, value = broadcast_json((error is None, result if error is None else f"rank 0: {error}"), info)
+    if error is not None:
+        raise error
+    if not ok:
+        raise CastsegError(value)
+    return value
 
 
 def broadcast_json(obj: Any, info: DistInfo, src: int = 0) -> Any:

@@ -79,18 +79,26 @@ class HungarianMatcher(nn.Module):
         Returns:
             ``[Q, N]`` float32 cost on the device of ``logits``.
         """
+        # fp32 with autocast off, as Mask2Former's matcher: summed over thousands of points, the
+        # BCE cost of confident logits overflows fp16 (inf → arbitrary assignments), and bf16's
+        # 8-bit mantissa reorders near-equal costs.
+        with torch.autocast(logits.device.type, enabled=False):
+            return self._cost_matrix(logits.float(), masks.float(), target, generator)
+
+    def _cost_matrix(self, logits: Tensor, masks: Tensor, target: dict[str, Any],
+                     generator: torch.Generator | None) -> Tensor:
         labels = target["labels"].to(logits.device).long()
         tgt_masks = target["masks"].to(masks.device)
         valid = target.get("valid")
-        prob = logits.float().softmax(dim=-1)
+        prob = logits.softmax(dim=-1)
         cost = -prob[:, labels] * self.cost_class
         if self.cost_mask or self.cost_dice:
-            lo, hi, region = region_bounds(valid)
+            lo, hi, region = target.get("bounds") or region_bounds(valid)
             pts = uniform_points((self.num_points,), lo, hi, device=masks.device, generator=generator)
             w = None
             if region is not None:
                 w = point_sample(region.to(masks.device)[None], pts, mode="nearest")[0]
-            pred = point_sample(masks.float(), pts)   # [Q, P]
+            pred = point_sample(masks, pts)           # [Q, P]
             tgt = point_sample(tgt_masks, pts)        # [N, P]
             if self.cost_mask:
                 cost = cost + self.cost_mask * pairwise_sigmoid_ce(pred, tgt, w)
@@ -117,14 +125,19 @@ class HungarianMatcher(nn.Module):
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]}")
-        out = []
-        for b, target in enumerate(targets):
-            if len(target["labels"]) == 0:
+        costs = {b: self.cost_matrix(logits[b], masks[b], t, generator)
+                 for b, t in enumerate(targets) if len(t["labels"])}
+        # one device → host copy for the whole batch (each .cpu() is a sync with the GPU)
+        flat = torch.cat([c.flatten() for c in costs.values()]).cpu().numpy() if costs else None
+        out, start = [], 0
+        for b in range(len(targets)):
+            if b not in costs:
                 empty = torch.empty(0, dtype=torch.int64)
                 out.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits[b], masks[b], target, generator)
-            q_idx, t_idx = linear_sum_assignment(cost.cpu().numpy())
+            shape = tuple(costs[b].shape)
+            q_idx, t_idx = linear_sum_assignment(flat[start:start + shape[0] * shape[1]].reshape(shape))
+            start += shape[0] * shape[1]
             q = torch.as_tensor(q_idx, dtype=torch.int64)
             t = torch.as_tensor(t_idx, dtype=torch.int64)
             order = torch.argsort(t)

@@ -131,7 +131,10 @@ class PixelContrastiveLoss(nn.Module):
     over ``total_steps``, driven by the ``step`` passed to :meth:`forward`.
 
     After each call: ``last_stats`` (floats: margin, pos_sim, neg_sim, temperature,
-    num_anchors, pool_size, num_negatives, sampler_ms, and fnr when ``instance_ids`` are given)
+    num_anchors, pool_size, num_negatives, sampler_ms, and fnr when ``instance_ids`` are given;
+    ``last_stats_tensors`` holds them as 0-d tensors on the loss's device, so a training step
+    reads them without a host sync). ``sampler_ms`` is there only with ``timed=True``: timing an
+    asynchronous GPU needs two device syncs per step, which only benchmarks should pay.
     and ``last_indices`` (``anchors`` [A] and ``pool`` [P] flat indices b*H*W + p,
     ``negatives`` [A,R] indices into the pool, ``ok`` [A,R] bool).
     """
@@ -139,7 +142,7 @@ class PixelContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, num_negatives: int = 200, sampler: str = "fused",
                  max_anchors: int = 1024, temperature_schedule: tuple[float, float] | None = None,
                  total_steps: int | None = None, sample_with_replacement: bool = False, max_pool: int = 4096,
-                 negatives_from: str = "strong"):
+                 negatives_from: str = "strong", timed: bool = False):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -158,8 +161,14 @@ class PixelContrastiveLoss(nn.Module):
         self.total_steps = total_steps
         self.sample_with_replacement = bool(sample_with_replacement)
         self.negatives_from = negatives_from
-        self.last_stats: dict[str, float] = {}
+        self.timed = bool(timed)
+        self.last_stats_tensors: dict[str, torch.Tensor] = {}
         self.last_indices: dict[str, torch.Tensor] = {}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The last call's monitors as floats (reading them syncs with the device)."""
+        return {k: float(v) for k, v in self.last_stats_tensors.items()}
 
     def current_temperature(self, step: int | None = None) -> float:
         """T at ``step``: fixed, or T0 + (T1 - T0) * min(step / total_steps, 1) when annealed."""
@@ -179,9 +188,12 @@ class PixelContrastiveLoss(nn.Module):
         ok [A,R] bool, milliseconds)``. No gradient: it only decides which pixels are negatives."""
         dev, HW = anchors.device, size[0] * size[1]
         A, P = len(anchors), len(pool)
-        _sync(dev)
+        if self.timed:
+            _sync(dev)
         t_start = time.perf_counter()
-        with torch.no_grad():
+        # fp32 with autocast off: under bf16/fp16 autocast the matmuls would return half
+        # precision into fp32 buffers (an index_put dtype error) and coarsen s_deb's weights.
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             if self.sampler == "uniform":
                 y_a, y_p = mask_logits.new_empty(A, 0), mask_logits.new_empty(P, 0)
             else:
@@ -191,6 +203,8 @@ class PixelContrastiveLoss(nn.Module):
             forbid = anchors[:, None] == pool[None, :]         # an anchor is never its own negative
             neg, ok = sample_negatives(y_a, y_p, self.num_negatives, generator, forbid=forbid,
                                        uniform=self.sampler == "uniform", replacement=self.sample_with_replacement)
+        if not self.timed:
+            return neg, ok, float("nan")
         _sync(dev)
         return neg, ok, (time.perf_counter() - t_start) * 1e3
 
@@ -232,17 +246,21 @@ class PixelContrastiveLoss(nn.Module):
         else:
             loss = (torch.logsumexp(logits, dim=1) - pos / T).mean()
 
-        with torch.no_grad():
-            pos_sim = pos.mean().item() if A else float("nan")
-            n_ok = int(ok.sum())
-            neg_sim = (neg_cos[ok].mean().item() if n_ok else float("nan"))
+        with torch.no_grad():  # monitors as device tensors: no .item() (a host sync) per step
+            nan = torch.tensor(float("nan"), device=dev)
+            pos_sim = pos.mean() if A else nan
+            n_ok = ok.sum().float()
+            neg_sim = torch.where(n_ok > 0, (neg_cos * ok).sum() / n_ok.clamp(min=1), nan)
             stats = {"margin": (1.0 - neg_sim) - (1.0 - pos_sim), "pos_sim": pos_sim, "neg_sim": neg_sim,
-                     "temperature": T, "num_anchors": float(A), "pool_size": float(P),
-                     "num_negatives": n_ok / A if A else 0.0, "sampler_ms": sampler_ms}
+                     "num_negatives": n_ok / A if A else n_ok * 0.0}
+            stats.update({k: torch.tensor(float(v), device=dev) for k, v in (
+                ("temperature", T), ("num_anchors", A), ("pool_size", P))})
+            if self.timed:
+                stats["sampler_ms"] = torch.tensor(sampler_ms, device=dev)
             if instance_ids is not None:
                 stats["fnr"] = _false_negative_rate(_resize_nearest(instance_ids, H, W).reshape(-1).long(),
                                                     anchors, pool, neg, ok, HW)
-        self.last_stats = stats
+        self.last_stats_tensors = {k: v.detach().float().reshape(()) for k, v in stats.items()}
         self.last_indices = {"anchors": anchors, "pool": pool, "negatives": neg, "ok": ok}
         return loss
 
@@ -260,17 +278,16 @@ def _resize_nearest(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 
 def _false_negative_rate(ids: torch.Tensor, anchors: torch.Tensor, pool: torch.Tensor, neg: torch.Tensor,
-                         ok: torch.Tensor, HW: int) -> float:
+                         ok: torch.Tensor, HW: int) -> torch.Tensor:
     """Share of drawn (anchor, negative) pairs, both with a known id (>= 0), that lie in the
     same instance. Ids are per image, so the instance key is (b, id): cross-image pairs never
     count as the same instance (but do count in the denominator)."""
     ida, idp = ids[anchors], ids[pool][neg]                             # [A], [A, R]
     same_img = (anchors // HW)[:, None] == (pool // HW)[neg]
     known = ok & (ida[:, None] >= 0) & (idp >= 0)
-    total = int(known.sum())
-    if total == 0:
-        return float("nan")
-    return float((known & same_img & (ida[:, None] == idp)).sum()) / total
+    total = known.sum().float()
+    same = (known & same_img & (ida[:, None] == idp)).sum().float()
+    return torch.where(total > 0, same / total.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 def _sync(dev: torch.device) -> None:

@@ -86,13 +86,19 @@ class SetLoss(nn.Module):
             n = len(t["labels"])
             if t["masks"].dim() != 3 or t["masks"].shape[0] != n:
                 raise ValueError(f"target {i}: masks {list(t['masks'].shape)} do not match {n} labels")
-            if n and (int(t["labels"].min()) < 0 or int(t["labels"].max()) >= self.num_classes):
-                raise ValueError(f"target {i}: labels must be in [0, {self.num_classes - 1}]")
+        labels = [t["labels"] for t in targets if len(t["labels"])]
+        if labels:  # one host sync for the batch, not two per image
+            lo, hi = torch.aminmax(torch.cat([x.to(labels[0].device).long() for x in labels]))
+            if int(lo) < 0 or int(hi) >= self.num_classes:
+                bad = next(i for i, t in enumerate(targets) if len(t["labels"]) and (
+                    int(t["labels"].min()) < 0 or int(t["labels"].max()) >= self.num_classes))
+                raise ValueError(f"target {bad}: labels must be in [0, {self.num_classes - 1}]")
 
     def num_masks(self, targets: Sequence[dict[str, Any]], device: torch.device) -> Tensor:
         """Normaliser of the mask terms: instances with weight > 0, mean over DDP ranks, ≥ 1."""
-        n = sum(float((_instance_weights(t, device) > 0).sum()) for t in targets)
-        total = torch.tensor(n, dtype=torch.float32, device=device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for t in targets:  # summed on the device: no host sync per target
+            total = total + (_instance_weights(t, device) > 0).sum()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             total = total / dist.get_world_size()
@@ -133,7 +139,7 @@ class SetLoss(nn.Module):
         """
         dev = pred_masks.device
         img, qs, ts, ws, los, his = [], [], [], [], [], []
-        bounds = [region_bounds(t.get("valid")) for t in targets]
+        bounds = [t.get("bounds") or region_bounds(t.get("valid")) for t in targets]
         regions = [r for _, _, r in bounds]  # None where all points in the box are valid
         for i, (qi, ti) in enumerate(indices):
             w = _instance_weights(targets[i], dev)[ti.to(dev)] if len(ti) else torch.empty(0, device=dev)
@@ -192,6 +198,9 @@ class SetLoss(nn.Module):
             ``loss_ce_sum``, ``loss_mask_sum``, ``loss_dice_sum`` (unweighted sums over layers).
         """
         self._check(outputs, targets)
+        # each image's point-drawing region once per step, not once per layer and use (each
+        # region_bounds reads the valid map back to the host)
+        targets = [{**t, "bounds": t.get("bounds") or region_bounds(t.get("valid"))} for t in targets]
         layers = [outputs] + list(outputs.get("aux_outputs") or [])
         num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}

@@ -184,6 +184,11 @@ class GroundedSAMTeacher(Teacher):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        # Grounding DINO's Swin and BERT, SAM2's Hiera: pretrained on far more data than the
+        # adaptation set; the fusion layers, decoders and heads adapt at the full rate.
+        return ("detector.model.backbone.", "detector.model.text_backbone.", "segmenter.vision_encoder.")
+
     def train(self, mode: bool = True) -> "GroundedSAMTeacher":
         super().train(mode)
         if not self.train_image_encoder:

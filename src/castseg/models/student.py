@@ -252,12 +252,16 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 0.1, weight_decay: float = 0.05
                  ) -> list[dict[str, Any]]:
-    """Optimizer groups: encoder parameters at ``lr * backbone_lr_mult``, the rest at ``lr``;
-    each split into decayed / not decayed. Frozen parameters are left out; empty groups too."""
+    """Optimizer groups: backbone parameters at ``lr * backbone_lr_mult``, the rest at ``lr``;
+    each split into decayed / not decayed. Frozen parameters are left out; empty groups too.
+    The backbone: parameters under ``encoder.`` (a student), or under the prefixes a model's
+    ``backbone_prefixes()`` names (a teacher's pretrained parts)."""
+    prefixes = tuple(model.backbone_prefixes()) if callable(getattr(model, "backbone_prefixes", None)) \
+        else ("encoder.",)
     groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith("encoder."), _no_decay(name, p)), []).append(p)
+            groups.setdefault((name.startswith(prefixes), _no_decay(name, p)), []).append(p)
     out = []
     for (enc, nd), params in sorted(groups.items()):
         out.append({"params": params, "lr": lr * (backbone_lr_mult if enc else 1.0),

@@ -70,6 +70,11 @@ class Teacher(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        """Names (prefixes of ``named_parameters``) of the pretrained backbones, which adapt at
+        ``train.lr × backbone_lr_mult`` like the student's encoder; the rest at ``train.lr``."""
+        return ()
+
     def forward(self, images: Tensor, targets: Sequence[dict[str, Tensor]],
                 class_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """:meth:`loss` — so that DistributedDataParallel, which hooks ``forward``, can wrap a
@@ -207,6 +212,9 @@ class ModelTeacher(Teacher):
         return postprocess_instances(out["pred_logits"], out["pred_masks"], [tuple(out.get("image_size", size))] * b,
                                      [size] * b, **kwargs)
 
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        return ("model.encoder.",)
+
     def trainable(self) -> Any:
         """Stage 1 trains the network itself on CAST's J, as the student (METHOD.md)."""
         from castseg.trainable import CastTrainable
@@ -278,6 +286,9 @@ class EnsembleTeacher(Teacher):
                 keep = keep[: self.max_detections]
             results.append({"masks": masks[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
+
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"teachers.{k}.{p}" for k, t in enumerate(self.teachers) for p in t.backbone_prefixes())
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Each member in ``member<k>/`` and ``teacher.yaml`` (an ensemble config over them)."""

@@ -42,6 +42,9 @@ class TTATeacher(Teacher):
         self.flips = list(flips)
         self.mask_nms_iou, self.max_detections = mask_nms_iou, max_detections
 
+    def backbone_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"member.{p}" for p in self.member.backbone_prefixes())
+
     def _predict(self, images: Tensor, class_names: list[str]) -> list[Instances]:
         views = [self.member.predict(images, class_names)]
         for f in self.flips:

@@ -48,22 +48,10 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 
 def _on_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
-    """``fn()`` on rank 0, its result shared with every rank (a barrier too). An error there is
-    raised on every rank; elsewhere as a one-line CastsegError, since exceptions may not pickle."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as e:
-            if world == 1:
-                raise
-            error = e
-    ok, value = _gather((error is None, result if error is None else f"rank 0: {error}"), world)[0]
-    if error is not None:
-        raise error
-    if not ok:
-        raise CastsegError(value)
-    return value
+    """``fn()`` on rank 0, its result shared with every rank (:func:`castseg.engine.distributed.on_main`)."""
+    from castseg.engine.distributed import init_distributed, on_main
+
+    return on_main(fn, init_distributed("auto")) if world > 1 else fn()
 
 
 def _part(out: Path, k: int) -> Path:

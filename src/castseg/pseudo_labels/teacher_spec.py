@@ -69,19 +69,24 @@ def _resolve(path: Path, found: list[Path], weights: dict[str, str]) -> tuple[di
             {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]})
 
 
-def load_teacher(spec: str | Path, device: str = "cpu", fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
+def load_teacher(spec: str | Path, device: Any = "auto", fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
     """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
     ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
     ``.json``: a :func:`~castseg.models.teacher_factory.build_teacher` mapping, optionally under a
     ``teacher:`` key; relative ``path`` values are relative to the config's folder).
+
+    ``device``: where the teacher runs ("auto": this process's GPU if there is one, else CPU;
+    a ``torch.device`` too).
 
     Returns ``(teacher, info)`` with ``info = {"spec", "config", "weights": {file: sha256},
     "sha256"}``; ``sha256`` fingerprints the weights and the path-free config together. With
     ``fingerprint=False`` (a teacher only to predict with) the weight files are not read twice
     for hashing, and ``weights`` / ``sha256`` are empty / None.
     """
+    from castseg.engine.distributed import resolve_device
     from castseg.models.teacher_factory import build_teacher
 
+    device = str(resolve_device(str(device)))  # "auto": this process's GPU (cuda:LOCAL_RANK) if any, else CPU
     path = Path(spec)
     if not path.exists():
         raise InputError(path, "teacher not found (expected a castseg checkpoint, a teacher folder with "
