@@ -1,0 +1,231 @@
+"""One training (or pseudo-labelling) step of each model, replayed on the meta device for
+:mod:`castseg.plan`: its FLOPs and the peak bytes of its live tensors, without weights or data.
+
+How memory is measured: :class:`LiveBytes` is a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
+that sees every tensor an operator creates during forward, loss and backward (the autograd
+engine carries the mode into backward). It adds the bytes of each new storage (views share
+their base's) and a weak-reference finaliser takes them off when the storage dies — so the
+count follows the real lifetimes: transients of the forward, tensors autograd saves for
+backward, activation gradients freed as backward walks the graph. Meta tensors have no data
+but the same shapes, dtypes and lifetimes, hence the same bytes. Parameter gradients are moved
+to their own count when autograd stores them (``register_post_accumulate_grad_hook``), so
+``activations`` is the peak of everything else: this is why it was chosen over counting
+``saved_tensors_hooks`` (which misses forward transients, e.g. a no-grad pass of the strong
+view, and backward's activation gradients) and over ``MemTracker`` (which also needs the
+optimizer step run on the fake tensors).
+
+FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over the same replay, backward
+included (matmuls, convolutions, attention; 2 per multiply-add).
+
+What is approximated: the set loss's Hungarian matching (scipy, data-dependent) cannot run on
+meta tensors. :func:`set_loss_like` does what the loss does to the outputs once matched: per
+decoder layer, cross-entropy of the class logits and, per image, the matched queries' mask
+logits gathered (``instances`` of them) and point-sampled at ``num_points`` points (plus the
+no-grad oversampled candidates and the matcher's points). Grounding DINO + SAM2's adaptation
+loss is replaced by a sum of the detector's outputs and of SAM2's mask logits for
+``max_mask_prompts`` boxes per image; the detector's matcher is likewise not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+META = torch.device("meta")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages operators create while active: ``peak_activations`` (all but
+    parameter gradients), ``grads`` (gradients stored in ``.grad``), ``peak`` (both together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = {"act": 0, "grad": 0}
+        self.peak_activations = self.peak = 0
+        self._kind: dict[int, tuple[weakref.ref, int, str]] = {}
+
+    def _add(self, t: Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._kind and self._kind[key][0]() is st:
+            return  # a view, or an op that returned its input
+        n = st.nbytes()
+        self._kind[key] = (weakref.ref(st), n, "act")
+        self.live["act"] += n
+        weakref.finalize(st, self._gone, key)
+        self._update()
+
+    def _gone(self, key: int) -> None:
+        _, n, kind = self._kind.pop(key)
+        self.live[kind] -= n
+
+    def _update(self) -> None:
+        self.peak_activations = max(self.peak_activations, self.live["act"])
+        self.peak = max(self.peak, self.live["act"] + self.live["grad"])
+
+    def mark_grad(self, p: Tensor) -> None:
+        """Move ``p.grad``'s storage from the activations to the gradients."""
+        if p.grad is None:
+            return
+        entry = self._kind.get(id(p.grad.untyped_storage()))
+        if entry is not None and entry[2] == "act":
+            self._kind[id(p.grad.untyped_storage())] = (entry[0], entry[1], "grad")
+            self.live["act"] -= entry[1]
+            self.live["grad"] += entry[1]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            # ``.item()`` of a meta tensor: e.g. Grounding DINO's training-mode "all finite?"
+            # check; answer "yes" (1) so the step goes on along its usual path
+            return {torch.bool: True}.get(args[0].dtype, 1) if not args[0].is_floating_point() else 1.0
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self._add(t)
+        return out
+
+
+@contextlib.contextmanager
+def no_grad_pass(model: nn.Module) -> Iterator[None]:
+    """``torch.no_grad()`` with ``model``'s parameters frozen for its duration: a view of a
+    trainable parameter made under no_grad (e.g. the decoder's expanded query embeddings) has no
+    gradient edge, which FlopCounterMode's module tracker cannot hook; the memory is the same."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def replay(model: nn.Module, step: Callable[[], Tensor | None]) -> dict[str, Any]:
+    """Run ``step()`` (builds its inputs on the meta device, returns the loss or None for an
+    inference step) and ``backward``; returns ``{"flops", "activations", "grads"}`` (bytes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from castseg.models.sizes import _tensor_checks_off
+
+    tracker = LiveBytes()
+    hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in model.parameters() if p.requires_grad]
+    try:
+        with _tensor_checks_off(), FlopCounterMode(display=False) as counter, tracker:
+            loss = step()
+            if loss is not None:
+                loss.backward()
+                del loss
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return {"flops": counter.get_total_flops(), "activations": tracker.peak_activations,
+            "grads": tracker.live["grad"]}
+
+
+# --------------------------------------------------------------------- student architecture
+
+
+def set_loss_like(pred: dict[str, Any], instances: int, num_points: int) -> Tensor:
+    """What :class:`~castseg.losses.set_loss.SetLoss` does to ``pred`` (``pred_logits``
+    [B,Q,C+1], ``pred_masks`` [B,Q,h,w], ``aux_outputs``) after matching, with ``instances``
+    matched queries per image: CE of every query, then the matched masks gathered [M,h,w]
+    (M = B·instances) and point-sampled at ``num_points`` points (with the no-grad candidates
+    of importance sampling, 3x as many, and the matcher's ``num_points`` over all queries)."""
+    from castseg.losses.point_sampling import point_sample
+
+    total = pred["pred_logits"].new_zeros(())
+    for layer in [pred, *pred.get("aux_outputs", [])]:
+        logits, masks = layer["pred_logits"], layer["pred_masks"]
+        b, q = logits.shape[:2]
+        total = total + F.cross_entropy(logits.float().transpose(1, 2), logits.new_zeros(b, q, dtype=torch.long))
+        m = min(instances, q)
+        if m == 0:
+            continue
+        with torch.no_grad():  # the matcher's cost points, one image at a time
+            for i in range(b):
+                point_sample(masks[i].float(), masks.new_zeros(num_points, 2))
+        img = torch.arange(b, device=masks.device).repeat_interleave(m)
+        src = masks[img, torch.arange(m, device=masks.device).repeat(b)]  # [M, h, w], as set_loss gathers
+        with torch.no_grad():
+            point_sample(src.detach(), masks.new_zeros(len(src), 3 * num_points, 2))
+        sampled = point_sample(src, masks.new_zeros(len(src), num_points, 2))
+        total = total + F.binary_cross_entropy_with_logits(sampled, torch.zeros_like(sampled))
+    return total
+
+
+def student_step(model: nn.Module, batch: int, size: tuple[int, int], *, train: bool, pxl: bool,
+                 instances: int, num_points: int) -> dict[str, Any]:
+    """Replay one step of a student-architecture model on a ``[batch,3,H,W]`` batch: CAST's J
+    (:mod:`castseg.objective`: one gradient forward of all images, with embeddings and a
+    no-grad forward of the strong views when ``pxl``) when ``train``, else one no-grad forward."""
+    model.train(train)
+
+    def step() -> Tensor | None:
+        x = torch.zeros(batch, 3, *size, device=META)
+        if not train:
+            with no_grad_pass(model):
+                model(x)
+            return None
+        pred = model(x, return_embeddings=pxl)
+        loss = set_loss_like(pred, instances, num_points)
+        if pxl:
+            with no_grad_pass(model):
+                strong = model(torch.zeros_like(x), return_embeddings=True)["embeddings"]
+            # L_pxl reads a few anchors of both maps; a reduction keeps the embeddings in the graph
+            loss = loss + (pred["embeddings"] * strong).sum()
+        return loss
+
+    return replay(model, step)
+
+
+# --------------------------------------------------------------------- Grounding DINO + SAM2
+
+
+def grounded_sam_step(det: nn.Module, sam: nn.Module, batch: int, size: tuple[int, int], opts: dict[str, Any],
+                      *, train: bool, text_tokens: int) -> dict[str, Any]:
+    """Replay one adaptation step (``train``) or one pseudo-labelling pass of Grounding DINO +
+    SAM2 on ``batch`` images of ``size``: the detector at its input size with ``text_tokens``
+    tokens; SAM2's image encoder (no grad unless ``train_image_encoder``); the mask decoder for
+    ``max_mask_prompts`` boxes per image when training, ``max_detections`` (in ``box_chunk``
+    chunks) when predicting."""
+    from castseg.models.grounded_sam import fit_size
+
+    dh, dw = fit_size(*size, opts["detector_size"])
+    s = int(sam.config.prompt_encoder_config.image_size)
+
+    def step() -> Tensor | None:
+        with contextlib.nullcontext() if train else no_grad_pass(model):
+            ids = torch.zeros(batch, text_tokens, dtype=torch.long, device=META)
+            det_out = det(pixel_values=torch.zeros(batch, 3, dh, dw, device=META), input_ids=ids,
+                          attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+            loss = det_out.logits.float().sum() + det_out.pred_boxes.float().sum() if train else None
+            del det_out
+            with torch.set_grad_enabled(train and opts["train_image_encoder"]):
+                feats = list(sam.vision_encoder(torch.zeros(batch, 3, s, s, device=META),
+                                                return_dict=True).fpn_hidden_states)
+            feats[0], feats[1] = sam.mask_decoder.conv_s0(feats[0]), sam.mask_decoder.conv_s1(feats[1])
+            boxes = opts["max_mask_prompts"] if train else opts["max_detections"]
+            chunk = boxes if train else opts["box_chunk"]
+            for i in range(batch):
+                for start in range(0, boxes, chunk):
+                    k = min(chunk, boxes - start)
+                    masks = sam(image_embeddings=[f[i:i + 1] for f in feats],
+                                input_boxes=torch.zeros(1, k, 4, device=META), multimask_output=False).pred_masks
+                    if train:
+                        loss = loss + masks.float().sum()
+            return loss
+
+    det.train(train and opts["train_detector"])
+    sam.train(train)
+    sam.vision_encoder.train(train and opts["train_image_encoder"])
+    model = nn.ModuleList([det, sam])
+    return replay(model, step)
