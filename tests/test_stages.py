@@ -174,3 +174,30 @@ def test_run_unlabeled_gt_errors_are_one_line_before_training(tiny_run, capsys):
     assert len(err) == 1 and "val.json: its images differ from the unlabeled set" in err[0]
     assert "unlabeled.json" in err[0]
     assert not (runs / "tiny" / "adapt").exists()  # nothing trained
+
+
+def test_teachers_run_on_the_runs_device(tiny_run, monkeypatch):
+    """θ_T⁰ and every pseudo-labelling teacher used to stay on the CPU (`load_teacher(...,
+    device="cpu")`) while the student trained on the GPU: hours per pass at Cityscapes size.
+    They now go where the trainer's model goes (here a fake device: the meta one)."""
+    import pytest
+    import torch
+
+    from castseg import stages
+    from castseg.config import load_config
+    from castseg.engine.distributed import DistInfo
+
+    cfg = load_config(tiny_run / "tiny.yaml")
+    monkeypatch.setattr(stages, "run_dist", lambda cfg: DistInfo(device=torch.device("meta")))
+    teacher, _ = stages.initial_teacher(cfg)
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}
+    seen = []
+
+    def load_teacher(path, device="cpu", **kw):
+        seen.append(str(device))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stages, "load_teacher", load_teacher)
+    with pytest.raises(RuntimeError, match="stop here"):
+        stages.pseudo_label(tiny_run / "teacher", cfg, tiny_run / "pl.json")
+    assert seen == ["meta"]

@@ -64,13 +64,18 @@ class TrainConfig(Section):
     val_every: int = 0                       # steps between validations; 0 = only at the end
     ckpt_every: int = 500                    # steps between resumable checkpoints; 0 = only at the end
     log_every: int = 20
-    num_workers: int = 0                     # DataLoader worker processes per stream
+    # DataLoader worker processes per stream; "auto": on a GPU, the process's share of the CPUs
+    # (up to 8; decoding a Cityscapes crop takes ~0.5 s of a core), on a CPU 0 (workers would
+    # take the cores the model computes on)
+    num_workers: int | Literal["auto"] = "auto"
     seed: int = 0
     device: str = "auto"                     # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     find_unused_parameters: bool = True      # DDP; False is faster when every parameter gets a gradient
     # NHWC weights: CPU convolutions run ~1.2x faster per distillation step (benchmarks/bench_train_step.py);
     # same maths, so not a trajectory field
     channels_last: bool = False
+    tf32: bool = True                        # CUDA: TF32 matmuls/convolutions (Ampere+), as most GPU trainers
+    compile: bool = False                    # torch.compile the trained model (CUDA; first steps compile)
     best_metric: str = "AP"                  # val metric that defines "best" in val_metrics.json
     best_mode: Literal["max", "min"] = "max"
     save_best: bool = False                  # also keep the best model in checkpoints/best/
@@ -81,8 +86,15 @@ class TrainConfig(Section):
         "warmup_steps", "grad_clip", "amp", "accumulate", "seed")
 
     _positive = _at_least(0, True, "max_steps", "batch_size", "accumulate", "log_every", "lr", "poly_power")
-    _non_negative = _at_least(0, False, "warmup_steps", "grad_clip", "val_every", "ckpt_every", "num_workers",
+    _non_negative = _at_least(0, False, "warmup_steps", "grad_clip", "val_every", "ckpt_every",
                               "backbone_lr_mult", "weight_decay")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -214,7 +226,7 @@ class CheckpointTeacherSpec(Section):
 
     type: Literal["checkpoint"] = "checkpoint"
     path: str
-    device: str = "cpu"
+    device: str = "auto"                     # auto: this process's GPU if there is one, else the CPU
     class_names: list[str] | None = None     # default: the checkpoint's
     postprocess_kwargs: dict[str, Any] = {}  # castseg.models.inference.postprocess_instances options
 

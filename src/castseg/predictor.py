@@ -131,10 +131,14 @@ def onnx_class_names(path: Path) -> list[str]:
     return json.loads(meta.get("class_names", "[]")) or ["object"]
 
 
-def load_predictor(path: str | Path, onnx: bool = False, device: str = "cpu", topk: int = 100,
+def load_predictor(path: str | Path, onnx: bool = False, device: str = "auto", topk: int = 100,
                    score_threshold: float = 0.0, threads: int | None = None) -> Predictor:
     """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``)
-    or, with ``onnx``, an exported ``.onnx`` file."""
+    or, with ``onnx``, an exported ``.onnx`` file. ``device``: "auto" is this process's GPU
+    when there is one, else the CPU."""
+    from castseg.engine.distributed import resolve_device
+
+    device = str(resolve_device(str(device)))
     path = Path(path)
     if not path.exists():
         raise CastsegError(f"{path}: not found")

@@ -35,6 +35,8 @@ from castseg.data.split import sha256_file
 from castseg.data.transforms import WeakView
 from castseg.engine import BatchStream, Trainer, unwrap_model
 from castseg.engine.checkpointing import weights_sha256, write_dir_atomic
+from castseg.engine.data import loader_settings
+from castseg.engine.optim import set_cuda_math
 from castseg.engine.distributed import DistInfo, barrier, init_distributed, on_main
 from castseg.errors import CastsegError, InputError
 from castseg.models import build_student, load_checkpoint
@@ -68,14 +70,15 @@ def stage_inputs(cfg: RunConfig, lambda_semi: float, lambda_pxl: float, pseudo_l
     return out
 
 
-def _streams(cfg: RunConfig, batch_size: int, workers: int, strong: bool, lambda_semi: float,
+def _streams(cfg: RunConfig, batch_size: int, workers: int | str, strong: bool, lambda_semi: float,
              pseudo_labels: Path | None, name: str) -> dict[str, BatchStream]:
     data, loss = cfg.data, cfg.loss
+    loading = loader_settings(workers, run_dist(cfg).device)
     weak = WeakView(crop_size=data.crop_size, scale_range=data.scale_range, hflip=data.hflip, vflip=data.vflip,
                     invert=data.invert, tint=data.tint, stain=data.stain)
     collate = functools.partial(collate_instances, size_divisibility=data.size_divisibility)
     labeled = CocoInstanceDataset(data.labeled, data.images_root, transform=weak, strong_view=strong)
-    streams = {"labeled": BatchStream(labeled, batch_size, collate_fn=collate, num_workers=workers)}
+    streams = {"labeled": BatchStream(labeled, batch_size, collate_fn=collate, **loading)}
     if lambda_semi > 0:
         if pseudo_labels is None:
             raise CastsegError(f"stage {name}: λ_semi > 0 needs pseudo-labels of the unlabeled set")
@@ -83,7 +86,7 @@ def _streams(cfg: RunConfig, batch_size: int, workers: int, strong: bool, lambda
                                   transform=weak, strong_view=strong, weight_by_score=loss.weight_by_score,
                                   images_root=data.images_root, cleanup=Cleanup.from_loss(loss))
         streams["unlabeled"] = BatchStream(ds, data.unlabeled_batch_size or batch_size, collate_fn=collate,
-                                           num_workers=workers)
+                                           **loading)
     return streams
 
 
@@ -115,8 +118,12 @@ def train_stage(name: str, model: Trainable, cfg: RunConfig, run_dir: Path, clas
 
 def run_dist(cfg: RunConfig) -> DistInfo:
     """This process's place in the job and its device (``train.device``; under torchrun each
-    rank's own GPU), joining the process group with the backend that device needs."""
-    return init_distributed(cfg.train.device)
+    rank's own GPU), joining the process group with the backend that device needs. On CUDA,
+    TF32 follows ``train.tf32`` and cuDNN picks its algorithms once per shape when the
+    training crops are fixed (``data.crop_size``)."""
+    info = init_distributed(cfg.train.device)
+    set_cuda_math(info.device, tf32=cfg.train.tf32, fixed_shapes=cfg.data.crop_size is not None)
+    return info
 
 
 def _debug_rank_weights(trainer: Trainer, name: str) -> None:
@@ -166,13 +173,15 @@ def pseudo_label(teacher_path: str | Path, cfg: RunConfig, out: Path, resume: bo
     """Run a frozen teacher once over D_u into a cached COCO results file (resumable; a cache
     by another teacher is refused, or set aside with ``resume="auto"``, redone with False)."""
     opts = cfg.pseudo_labels
-    teacher, info = load_teacher(teacher_path, device=run_dist(cfg).device)
+    device = run_dist(cfg).device
+    teacher, info = load_teacher(teacher_path, device=device)
     if opts.tta:  # e.g. [h, v]: the teacher on flipped views, fused (castseg.models.tta)
         from castseg.models.tta import with_tta
 
         teacher, info = with_tta(teacher, info, opts.tta)
     generate_pseudo_labels(teacher, cfg.data.unlabeled, out, teacher_info=info, images_root=cfg.data.images_root,
-                           max_size=opts.max_size, overwrite=resume is False, restart_changed=resume == "auto")
+                           max_size=opts.max_size, overwrite=resume is False, restart_changed=resume == "auto",
+                           num_workers=loader_settings(cfg.train.num_workers, device)["num_workers"])
     return out
 
 

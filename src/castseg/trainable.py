@@ -49,9 +49,13 @@ class Trainable(Protocol):
 
 def val_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``evaluate_model`` options of a run's ``eval`` section."""
+    from castseg.engine.data import loader_settings
+    from castseg.engine.distributed import resolve_device
+
     ev = cfg.eval
+    workers = loader_settings(cfg.train.num_workers, resolve_device(cfg.train.device))["num_workers"]
     return dict(max_dets=ev.max_dets, batch_size=ev.batch_size, topk=ev.topk, max_size=cfg.val_max_size,
-                images_root=cfg.data.images_root)
+                images_root=cfg.data.images_root, num_workers=workers)
 
 
 class CastTrainable:

@@ -395,3 +395,30 @@ def test_describe_changes_lists_changed_leaves_and_hides_hash_values():
     assert describe_changes(old, new) == ["added None -> [1]", "gone 3 -> None", "labeled changed",
                                           "loss.temperature 0.1 -> 0.2"]
     assert describe_changes(old, old) == []
+
+
+def test_compile_trains_through_the_compiled_model_and_checkpoints_the_plain_one(tmp_path):
+    """`train.compile: true`: steps run torch.compile's module (here its cheapest backend: the
+    inductor needs a C compiler and minutes); the checkpoint keeps the plain module's names."""
+    calls = []
+
+    def loss(model, batches, step):
+        calls.append(type(model).__name__)
+        return mse(model, batches, step)
+
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, ckpt_every=0, log_every=1, device="cpu", compile=True)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    original = torch.compile
+    try:
+        torch.compile = lambda m, **kw: original(m, backend="eager")
+        trainer = Trainer(Net(), loss, {"labeled": BatchStream(Regression(), 4)}, cfg, tmp_path)
+        trainer.fit()
+    finally:
+        torch.compile = original
+    assert calls == ["OptimizedModule"] * 3
+    ckpt = find_checkpoint(tmp_path / "checkpoints" / "last")
+    net = Net(seed=1)
+    load_model_weights(ckpt.path, net)  # plain names: no "_orig_mod." prefix
+    assert torch.equal(net.head.weight, trainer.model.head.weight)

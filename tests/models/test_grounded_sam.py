@@ -243,3 +243,14 @@ def test_paper_teacher_parameter_count():
     assert 225e6 < n["grounding-dino-base"] < 240e6   # grounding-dino-base: 233M
     assert 210e6 < n["sam2.1-hiera-large"] < 225e6    # image-mode SAM2.1-L (no video memory modules)
     assert abs(n["grounding-dino-large"] + n["sam2.1-hiera-large"] - 568e6) / 568e6 < 0.03  # paper: 568M
+
+
+def test_a_bf16_hub_folder_loads_with_fp32_master_weights(tokenizer_dir, tmp_path):
+    """transformers loads a folder in the dtype it was saved in; a bf16 upload used to train with
+    bf16 master weights (updates below bf16's precision vanish). Loaded as fp32; amp decides compute."""
+    teacher = make(tokenizer_dir)
+    teacher.detector.to(torch.bfloat16).save_pretrained(tmp_path / "det")
+    teacher.segmenter.to(torch.bfloat16).save_pretrained(tmp_path / "seg")
+    loaded = GroundedSAMTeacher(detector=str(tmp_path / "det"), segmenter=str(tmp_path / "seg"),
+                                tokenizer=tokenizer_dir, class_names=CLASSES)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}

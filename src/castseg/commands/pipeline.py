@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from castseg.data.coco_io import write_json
     from castseg.errors import InputError
     from castseg import run_checks, stages
+    from castseg.engine.distributed import is_main_process
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "unlabeled_gt", None):
@@ -68,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
                              "own annotations, e.g. castseg split's unlabeled_gt.json)")
         cfg = with_values(cfg, {"data.unlabeled_gt": args.unlabeled_gt}, "--unlabeled-gt")
     run_dir = Path(args.runs) / (args.name or Path(args.config).stem)
+    main = is_main_process()  # under torchrun every rank trains; rank 0 alone writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir / "config.yaml")
+    if main:
+        save_resolved(cfg, run_dir / "config.yaml")
     resume = False if args.no_resume else ("auto" if args.restart_changed else True)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -80,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = stages.run_all(cfg, run_dir, resume)
     else:
         run_stage(args, cfg, run_dir, resume, metrics)
+    if not main:
+        return 0
     write_json(metrics, metrics_path, indent=1)
     logger.info(f"{args.verb} done: {run_dir}")
     print_summary(metrics, with_premise=args.verb == "run")
@@ -98,7 +103,7 @@ def run_stage(args: argparse.Namespace, cfg, run_dir: Path, resume, metrics: dic
         run_checks.merge_rows(metrics, stages.run_adapt(cfg, run_dir, resume)[1])
     elif args.verb == "distill" and args.pseudo_labels:
         cache = Path(args.pseudo_labels)
-        run_checks.merge_rows(metrics, run_checks.pseudo_label_rows(cfg, "imported", cache))
+        run_checks.merge_rows(metrics, stages.pseudo_label_rows(cfg, "imported", cache))
         run_checks.merge_rows(metrics, stages.distill_from_cache(cfg, run_dir, cache, resume)[1])
     elif args.verb == "distill":
         adapted = run_dir / "adapt" / "c"

@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--score-threshold", type=float, default=0.3, help="drop instances below this score (default 0.3)")
     p.add_argument("--max-instances", type=int, default=100, help="keep at most this many per image (default 100)")
     p.add_argument("--max-size", type=int, default=None, help="resize so the longest side is at most this")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--label-maps", action="store_true", help="also write uint16 instance-id PNGs")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     p.set_defaults(func=run)

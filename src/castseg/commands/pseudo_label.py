@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="pseudo-label cache to write, e.g. pseudo.json")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per forward (1: padding in mixed-size batches changes ViT outputs)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (under torchrun: cuda → cuda:LOCAL_RANK)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one, else the CPU), cpu, cuda, "
+                   "cuda:1 ... (under torchrun: auto/cuda → cuda:LOCAL_RANK)")
     p.add_argument("--min-score", type=float, default=0.05,
                    help="keep instances scoring at least this (a floor that bounds the file size; the training "
                    "threshold is applied when reading; default 0.05)")
@@ -51,7 +52,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from castseg.errors import InputError
@@ -69,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Initialise the process group first: under torchrun each rank picks its own GPU.
     rank, world = dist_info()
-    device = args.device
-    if world > 1 and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    teacher, info = load_teacher(args.teacher, device=device)
+    teacher, info = load_teacher(args.teacher, device=args.device)  # resolved per rank (cuda:LOCAL_RANK)
     manifest = generate_pseudo_labels(
         teacher, args.images, args.out, teacher_info=info, images_root=args.images_root,
         class_names=args.class_names, batch_size=args.batch_size, min_score=args.min_score,

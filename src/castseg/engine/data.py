@@ -186,6 +186,21 @@ class BatchStream:
         raise RuntimeError(f"stream {self.sampler.name!r} produced no batch in a whole epoch")
 
 
+def loader_settings(num_workers: int | str, device: torch.device) -> dict[str, Any]:
+    """``num_workers`` / ``pin_memory`` of the DataLoaders feeding ``device``. ``"auto"``: on a
+    GPU, this process's share of the CPUs it may use (all ranks of a node share them; one core
+    left to the training loop), at most 8; on a CPU 0, as the model computes on those cores.
+    Pinned host memory lets batches copy to a GPU asynchronously."""
+    import os
+
+    cuda = device.type == "cuda"
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        num_workers = min(8, max(1, per_process - 1)) if cuda else 0
+    return {"num_workers": int(num_workers), "pin_memory": cuda}
+
+
 def to_device(obj: Any, device: torch.device, non_blocking: bool = True) -> Any:
     """Tensors inside dicts / lists / tuples moved to ``device`` (other leaves unchanged)."""
     if torch.is_tensor(obj):

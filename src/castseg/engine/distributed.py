@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from castseg.device import resolve_device
 from castseg.errors import CastsegError
 
 
@@ -49,25 +50,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
-    """``"auto"`` → ``cuda:<local_rank>`` when CUDA is available, else CPU; ``"cuda"`` gets the
-    local rank's GPU (``LOCAL_RANK``, set by torchrun; 0 alone), so one config serves every
-    process of a ``torchrun`` job. ``"cuda:N"`` under a multi-process job would put every rank
-    on GPU N: refused with one line."""
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        return torch.device("cuda", local_rank)
-    dev = torch.device(spec)
-    if dev.type == "cuda" and dev.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise CastsegError(f"device {spec!r} under torchrun would put every process on GPU {dev.index}; use "
-                           f"'cuda' or 'auto' (each process takes cuda:LOCAL_RANK) and choose GPUs with "
-                           f"CUDA_VISIBLE_DEVICES")
-    return dev
 
 
 def is_main_process() -> bool:

@@ -146,6 +146,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.precision = Precision(cfg.amp, self.device)
         self.train_model = wrap_model(self.model, self.dist, cfg.find_unused_parameters)
+        self._ddp = self.train_model if isinstance(self.train_model, DDP) else None  # for no_sync
+        if cfg.compile:  # the DDP wrapper compiled (DDPOptimizer splits graphs at bucket bounds)
+            self.train_model = torch.compile(self.train_model)
         self.streams: dict[str, BatchStream] = {}
         for key, loader in loaders.items():
             if not isinstance(loader, (BatchStream, DataLoader)):
@@ -229,7 +232,7 @@ class Trainer:
             batches = {k: to_device(next(s), self.device) for k, s in self.streams.items()}
             # Gradients are averaged across ranks once, on the last micro-batch.
             last = micro == cfg.accumulate - 1
-            sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+            sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
             with sync, _explain_ddp_errors():
                 with self.precision.autocast():
                     out = self.loss_fn(model, batches, self.step)

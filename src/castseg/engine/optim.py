@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from castseg.config import TrainConfig
+from castseg.errors import CastsegError
 from castseg.models.student import param_groups as student_param_groups
 
 
@@ -63,6 +64,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg))
 
 
+def set_cuda_math(device: torch.device, tf32: bool = True, fixed_shapes: bool = False) -> None:
+    """On CUDA: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa inputs, fp32
+    accumulation; what most GPU trainers enable) and, for fixed input shapes, cuDNN's
+    autotuner (its first pass per shape is slower, every later one faster). No-op elsewhere."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = fixed_shapes
+
+
 class Precision:
     """Autocast context + optional GradScaler for ``amp`` on ``device``.
 
@@ -77,6 +89,9 @@ class Precision:
         if self.dtype is torch.float16 and device.type != "cuda":
             warnings.warn(f"amp=fp16 needs CUDA; training in fp32 on {device}", stacklevel=3)
             self.dtype = None
+        if self.dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise CastsegError(f"train.amp=bf16: {torch.cuda.get_device_name(device)} has no bf16 support (it needs "
+                               f"compute capability 8.0 or newer: A100, H100, RTX 30xx, ...); use train.amp=fp16")
         if self.dtype is torch.bfloat16 and device.type not in ("cuda", "cpu"):
             warnings.warn(f"amp=bf16 autocast is not supported on {device}; training in fp32", stacklevel=3)
             self.dtype = None

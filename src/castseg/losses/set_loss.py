@@ -158,7 +158,7 @@ class SetLoss(nn.Module):
             return zero, zero
         src = pred_masks[image_of.to(dev), torch.cat(qs).to(dev)]  # [M, h, w]
         pts = uncertain_points(src, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
-                               torch.cat(los), torch.cat(his), regions, image_of.to(dev), generator)
+                               torch.cat(los), torch.cat(his), regions, image_of, generator)  # image_of on the host: no sync
         pred = point_sample(src, pts)  # [M, P], carries the gradient
         tgt_parts, pw_parts = [], []
         for i, t in enumerate(ts):

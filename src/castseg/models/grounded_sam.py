@@ -96,22 +96,22 @@ def fit_size(h: int, w: int, size: Sequence[int]) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def load_hf(loader: Any, name: str, option: str) -> Any:
-    """``loader.from_pretrained(name)`` for a hub id or a local folder; failures become one
-    :class:`CastsegError` line naming ``name`` and how to provide a local copy."""
+def load_hf(loader: Any, name: str, option: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name, **kwargs)`` for a hub id or a local folder; failures become
+    one :class:`CastsegError` line naming ``name`` and how to provide a local copy."""
     local = Path(name).expanduser()
     hint = (f"On a connected machine run `huggingface-cli download {name} --local-dir DIR`, copy DIR here "
             f"and pass DIR as the teacher's {option!r}")
     if local.exists():
         try:
-            return loader.from_pretrained(str(local))
+            return loader.from_pretrained(str(local), **kwargs)
         except (OSError, ValueError) as e:
             raise CastsegError(f"teacher {option} folder {name} could not be loaded ({e}); it should be a folder "
                                f"written by `huggingface-cli download` or save_pretrained") from None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise CastsegError(f"teacher {option} folder {name} does not exist. {hint}")
     try:
-        return loader.from_pretrained(name)
+        return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         offline = any(os.environ.get(k, "0") not in ("0", "", "false", "False")
                       for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -159,8 +159,10 @@ class GroundedSAMTeacher(Teacher):
         self.detector_size = tuple(int(v) for v in detector_size)
         self.tokenizer = load_hf(AutoTokenizer, tokenizer or detector, "tokenizer")
         if pretrained:
-            self.detector = load_hf(GroundingDinoForObjectDetection, detector, "detector")
-            self.segmenter = load_hf(Sam2Model, segmenter, "segmenter")
+            # fp32 master weights whatever the folder stores (a bf16 upload would otherwise train
+            # in bf16: updates below its precision vanish); amp decides the compute dtype
+            self.detector = load_hf(GroundingDinoForObjectDetection, detector, "detector", dtype=torch.float32)
+            self.segmenter = load_hf(Sam2Model, segmenter, "segmenter", dtype=torch.float32)
         else:
             def cfg(c: Any, cls: Any) -> Any:
                 return cls(**c) if isinstance(c, dict) else (c if c is not None else cls())

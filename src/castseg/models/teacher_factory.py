@@ -33,9 +33,10 @@ def parse_teacher_spec(spec: Any, where: str = "teacher") -> Any:
 
 
 def _checkpoint(spec: CheckpointTeacherSpec) -> Teacher:
+    from castseg.device import resolve_device
     from castseg.models.checkpoint import load_checkpoint
 
-    model, meta = load_checkpoint(spec.path, device=spec.device)
+    model, meta = load_checkpoint(spec.path, device=resolve_device(spec.device))
     return ModelTeacher(model, spec.class_names or meta["class_names"], postprocess_kwargs=spec.postprocess_kwargs)
 
 
