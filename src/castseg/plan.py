@@ -157,16 +157,28 @@ def _student_stage(arch: dict[str, Any], cfg: RunConfig, section: str, lambda_se
 
 
 def _grounded_sam_stage(parts: tuple, cfg: RunConfig, lambda_semi: float, train: bool) -> dict[str, Any]:
+    """Plan row of Grounding DINO + SAM2. Training steps are replayed at batch 1 and 2 (memoised
+    in ``parts``' last item, shared by adapt/a and adapt/c) and extrapolated linearly to the
+    stage's batch: every image adds the same work, and a replay takes seconds per image."""
     from castseg.plan_steps import grounded_sam_step
 
-    det, sam, opts = parts
+    det, sam, opts, memo = parts
     tc = cfg.stage_train("adapt")
     unlabeled = (cfg.data.unlabeled_batch_size or tc.batch_size) if lambda_semi > 0 else 0
     batch = tc.batch_size + unlabeled if train else 1
     size = tuple(cfg.data.crop_size or (512, 512))
-    r = grounded_sam_step(det, sam, batch, size, opts, train=train, text_tokens=text_tokens(opts.get("class_names")))
-    what = (f"detector + SAM2 mask decoder losses on {batch} images ({opts['max_mask_prompts']} box prompts each)"
-            if train else f"detector + SAM2 on one image, {opts['max_detections']} boxes")
+    tokens = text_tokens(opts.get("class_names"))
+    for b in ((1, 2) if train else (1,)):
+        if (b, train) not in memo:
+            memo[(b, train)] = grounded_sam_step(det, sam, b, size, opts, train=train, text_tokens=tokens)
+    if train:
+        one, two = memo[(1, True)], memo[(2, True)]
+        r = {k: one[k] + (two[k] - one[k]) * (batch - 1) for k in ("flops", "activations")}
+    else:
+        r = memo[(1, False)]
+    what = (f"detector + SAM2 mask decoder losses on {batch} images ({opts['max_mask_prompts']} box prompts each; "
+            f"replayed at batch 1 and 2, linear in the batch)" if train
+            else f"detector + SAM2 on one image, {opts['max_detections']} boxes")
     return _stage_row([det, sam], r, train, tc.amp if train else "none", batch, size, what)
 
 
@@ -185,7 +197,7 @@ def teacher_model(cfg: RunConfig) -> tuple[str, Any]:
             raise CastsegError(f"teacher.path {spec.path}: no {meta_path.name} to read the architecture from")
         return "student", read_json(meta_path)["architecture"]
     if spec.type == "grounded_sam":
-        return "grounded_sam", grounded_sam_parts(spec)
+        return "grounded_sam", (*grounded_sam_parts(spec), {})
     return "skipped", f"{spec.type} teachers are not estimated"
 
 
