@@ -24,7 +24,7 @@ logger = logging.getLogger("castseg.cli")  # also when run as `python -m castseg
 
 # Imported lazily so `castseg --help` stays fast and one verb's heavy imports never slow another.
 # Module names under castseg.commands; each module's add_parser names its verb (pseudo_label → pseudo-label).
-COMMANDS = ["convert", "split", "eval", "predict", "pseudo_label", "pipeline", "export", "bench", "info", "demo"]
+COMMANDS = ["convert", "split", "eval", "predict", "pseudo_label", "pipeline", "export", "bench", "info", "plan", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

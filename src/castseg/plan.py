@@ -27,7 +27,9 @@ in seconds per step for one worker.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -125,10 +127,9 @@ def _counts(models: list[nn.Module]) -> dict[str, int]:
             "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad)}
 
 
-def _stage_row(models: list[nn.Module], replayed: dict[str, Any], train: bool, amp: str,
+def _stage_row(n: dict[str, int], replayed: dict[str, Any], train: bool, amp: str,
                batch: int, size: tuple[int, int], what: str) -> dict[str, Any]:
-    """The plan row of one stage from its models and its replayed step."""
-    n = _counts(models)
+    """The plan row of one stage from its models' :func:`_counts` and its replayed step."""
     act = replayed["activations"] * (0.5 if amp in ("bf16", "fp16") and train else 1.0)
     mem = {"weights": n["weight_bytes"], "gradients": n["grad_bytes"] if train else 0,
            "optimizer": 8 * n["trainable_params"] if train else 0, "activations": int(act)}
@@ -138,22 +139,35 @@ def _stage_row(models: list[nn.Module], replayed: dict[str, Any], train: bool, a
             "memory": mem}
 
 
-def _student_stage(arch: dict[str, Any], cfg: RunConfig, section: str, lambda_semi: float, lambda_pxl: float,
-                   instances: int, train: bool = True) -> dict[str, Any]:
-    """Plan row of a student-architecture model trained on J (or, ``train=False``, predicting)."""
+@functools.lru_cache(maxsize=32)
+def _student_replay(arch_json: str, batch: int, size: tuple[int, int], train: bool, pxl: bool, instances: int,
+                    num_points: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """``(replayed step, _counts)`` of a student-architecture model, memoised: refine and
+    supervised (and repeated plans of one config) share a replay."""
     from castseg.plan_steps import student_step
 
-    model = meta_student(arch)
+    model = meta_student(json.loads(arch_json))
+    r = student_step(model, batch, size, train=train, pxl=pxl, instances=instances, num_points=num_points)
+    return r, _counts([model])
+
+
+def _student_stage(arch: dict[str, Any], cfg: RunConfig, section: str, lambda_semi: float, lambda_pxl: float,
+                   instances: int, train: bool = True, quick: bool = False) -> dict[str, Any]:
+    """Plan row of a student-architecture model trained on J (or, ``train=False``, predicting).
+    ``quick``: replay one image and scale FLOPs and activations by the batch."""
     tc = cfg.stage_train(section)
     pxl = lambda_pxl > 0 and cfg.data.strong_view
     unlabeled = (cfg.data.unlabeled_batch_size or tc.batch_size) if lambda_semi > 0 else 0
     batch = tc.batch_size + unlabeled if train else 1
     size = tuple(cfg.data.crop_size or (512, 512))
-    r = student_step(model, batch, size, train=train, pxl=pxl, instances=instances, num_points=cfg.loss.num_points)
+    r, counts = _student_replay(json.dumps(arch, sort_keys=True), 1 if quick else batch, size, train, pxl, instances,
+                                cfg.loss.num_points)
+    if quick:
+        r = {k: v * batch for k, v in r.items()}
     what = (f"J on {tc.batch_size} labeled" + (f" + {unlabeled} unlabeled" if unlabeled else "")
             + " images stacked" + (", L_pxl (+ a no-grad forward of the strong views)" if pxl else "")
-            if train else "one no-grad forward per image")
-    return _stage_row([model], r, train, tc.amp if train else "none", batch, size, what)
+            if train else "one no-grad forward per image") + (" (one image replayed, x batch)" if quick else "")
+    return _stage_row(counts, r, train, tc.amp if train else "none", batch, size, what)
 
 
 def _grounded_sam_stage(parts: tuple, cfg: RunConfig, lambda_semi: float, train: bool) -> dict[str, Any]:
@@ -179,7 +193,7 @@ def _grounded_sam_stage(parts: tuple, cfg: RunConfig, lambda_semi: float, train:
     what = (f"detector + SAM2 mask decoder losses on {batch} images ({opts['max_mask_prompts']} box prompts each; "
             f"replayed at batch 1 and 2, linear in the batch)" if train
             else f"detector + SAM2 on one image, {opts['max_detections']} boxes")
-    return _stage_row([det, sam], r, train, tc.amp if train else "none", batch, size, what)
+    return _stage_row(_counts([det, sam]), r, train, tc.amp if train else "none", batch, size, what)
 
 
 def teacher_model(cfg: RunConfig) -> tuple[str, Any]:
@@ -202,11 +216,11 @@ def teacher_model(cfg: RunConfig) -> tuple[str, Any]:
 
 
 def _teacher_stage(teacher: tuple[str, Any], cfg: RunConfig, lambda_semi: float, train: bool,
-                   instances: int) -> dict[str, Any]:
+                   instances: int, quick: bool = False) -> dict[str, Any]:
     """Plan row of the teacher in adapt/a (``lambda_semi=0``), adapt/c, or predicting."""
     kind, what = teacher
     if kind == "student":
-        return _student_stage(what, cfg, "adapt", lambda_semi, cfg.loss.lambda_pxl, instances, train)
+        return _student_stage(what, cfg, "adapt", lambda_semi, cfg.loss.lambda_pxl, instances, train, quick)
     if kind == "grounded_sam":
         return _grounded_sam_stage(what, cfg, lambda_semi, train)
     return {"skipped": what}
@@ -227,17 +241,17 @@ def _instances(cfg: RunConfig) -> tuple[int, str]:
     return DEFAULT_INSTANCES, f"{DEFAULT_INSTANCES} instances per image (assumed; data.labeled not found)"
 
 
-def stage_plans(cfg: RunConfig, instances: int) -> dict[str, dict[str, Any]]:
+def stage_plans(cfg: RunConfig, instances: int, quick: bool = False) -> dict[str, dict[str, Any]]:
     """``{stage: plan row}`` for every stage of ``castseg run``."""
     arch = cfg.model.model_dump()
     loss = cfg.loss
     teacher = teacher_model(cfg)
-    return {"adapt/a": _teacher_stage(teacher, cfg, 0.0, True, instances),
-            "adapt/c": _teacher_stage(teacher, cfg, 1.0, True, instances),
-            "pseudo-label": _teacher_stage(teacher, cfg, 0.0, False, instances),
-            "distill": _student_stage(arch, cfg, "distill", loss.lambda_semi, loss.lambda_pxl, instances),
-            "refine": _student_stage(arch, cfg, "refine", 0.0, 0.0, instances),
-            "supervised": _student_stage(arch, cfg, "supervised", 0.0, 0.0, instances)}
+    return {"adapt/a": _teacher_stage(teacher, cfg, 0.0, True, instances, quick),
+            "adapt/c": _teacher_stage(teacher, cfg, 1.0, True, instances, quick),
+            "pseudo-label": _teacher_stage(teacher, cfg, 0.0, False, instances, quick),
+            "distill": _student_stage(arch, cfg, "distill", loss.lambda_semi, loss.lambda_pxl, instances, quick=quick),
+            "refine": _student_stage(arch, cfg, "refine", 0.0, 0.0, instances, quick=quick),
+            "supervised": _student_stage(arch, cfg, "supervised", 0.0, 0.0, instances, quick=quick)}
 
 
 def data_plan(cfg: RunConfig, stages: dict[str, dict[str, Any]], measure: bool = True) -> dict[str, Any]:
@@ -267,13 +281,16 @@ def data_plan(cfg: RunConfig, stages: dict[str, dict[str, Any]], measure: bool =
     return out
 
 
-def plan_run(cfg: RunConfig, measure_data: bool = True, instances: int | None = None) -> dict[str, Any]:
+def plan_run(cfg: RunConfig, measure_data: bool = True, instances: int | None = None,
+             quick: bool = False) -> dict[str, Any]:
     """The plan of a run (JSON-able): ``{"stages": {name: row}, "data": {...}, "assumptions": [...]}``;
     a row holds ``params``, ``trainable_params``, ``gflops_per_step``, ``batch``, ``size`` and
     ``memory`` (bytes: ``weights``, ``gradients``, ``optimizer``, ``activations``, ``total``), or
-    ``skipped``. ``instances``: matched instances per image of the set loss (default: counted)."""
+    ``skipped``. ``instances``: matched instances per image of the set loss (default: counted).
+    ``quick`` (``castseg run``'s summary): student-architecture steps replayed for one image and
+    scaled by the batch (a few % high: per-step constants are scaled too)."""
     counted, how = (instances, f"{instances} instances per image (given)") if instances else _instances(cfg)
-    stages = stage_plans(cfg, counted)
+    stages = stage_plans(cfg, counted, quick)
     assumptions = [
         "models built on the meta device (no weights, no data); one step replayed on meta tensors",
         "GFLOPs: torch.utils.flop_counter over forward + backward (matmuls, convolutions, attention; "

@@ -42,6 +42,28 @@ from torch.utils._pytree import tree_flatten
 META = torch.device("meta")
 
 
+_RESIZE = ("upsample_bilinear2d", "upsample_nearest2d", "_upsample_bilinear2d_aa", "upsample_bicubic2d",
+           "_upsample_nearest_exact2d")
+
+
+def _resized(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
+    """The output of a 2-D resize (or its backward) on meta tensors, made directly: the meta
+    device runs these through Python decompositions, most of a replay's time; resizing is
+    not counted as FLOPs anyway. None for any other op."""
+    name = func._overloadpacket.__name__
+    base = name.removesuffix("_backward")
+    if base not in _RESIZE or not args[0].is_meta:
+        return None
+    x = args[0]
+    if name.endswith("_backward"):  # (grad_output, output_size, input_size, ...)
+        return x.new_empty(tuple(args[2]))
+    size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    if size is None:  # .vec with scale factors
+        scales = args[3] if len(args) > 3 else kwargs.get("scale_factors")
+        size = [int(n * f) for n, f in zip(x.shape[-2:], scales)]
+    return x.new_empty((*x.shape[:-2], *size))
+
+
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the storages operators create while active: ``peak_activations`` (all but
     parameter gradients), ``grads`` (gradients stored in ``.grad``), ``peak`` (both together)."""
@@ -86,7 +108,9 @@ class LiveBytes(TorchDispatchMode):
             # ``.item()`` of a meta tensor: e.g. Grounding DINO's training-mode "all finite?"
             # check; answer "yes" (1) so the step goes on along its usual path
             return {torch.bool: True}.get(args[0].dtype, 1) if not args[0].is_floating_point() else 1.0
-        out = func(*args, **(kwargs or {}))
+        out = _resized(func, args, kwargs or {})
+        if out is None:
+            out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor):
                 self._add(t)
@@ -137,7 +161,8 @@ def _fused_sdpa(original: Callable) -> Callable:
     meta device's math fallback, which would count a saved [B,heads,N,N] attention matrix."""
     def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
              is_causal: bool = False, scale: float | None = None, **kw: Any) -> Tensor:
-        if not q.is_meta or kw.get("enable_gqa") or q.shape[-1] != v.shape[-1]:
+        learned_bias = attn_mask is not None and attn_mask.requires_grad  # the fused CPU kernel has no grad for it
+        if not q.is_meta or kw.get("enable_gqa") or q.shape[-1] != v.shape[-1] or learned_bias:
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # as the CPU kernel's caller converts it
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb in ("adapt", "distill"):
         run_checks.load_unlabeled_gt(cfg)  # run_all checks it itself; either way before any training
     if args.verb == "run":
+        log_plan(cfg)
         metrics = stages.run_all(cfg, run_dir, resume)
     else:
         run_stage(args, cfg, run_dir, resume, metrics)
@@ -91,6 +92,24 @@ def run(args: argparse.Namespace) -> int:
     if (run_dir / "report.html").is_file():
         logger.info(f"report: {run_dir / 'report.html'}")
     return 0
+
+
+def log_plan(cfg) -> None:
+    """Log :func:`castseg.plan.plan_run`'s per-stage summary (quick: one image replayed, no
+    data timing); an estimate that fails only warns — it never stops a run."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        from castseg.plan import plan_run, summary_lines
+
+        lines = summary_lines(plan_run(cfg, measure_data=False, quick=True))
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop the run it describes
+        logger.warning(f"plan: no estimate ({type(e).__name__}: {e}); `castseg plan CONFIG` for details")
+        return
+    logger.info(f"plan (estimated; `castseg plan CONFIG` for details, {time.perf_counter() - start:.1f}s):")
+    for line in lines:
+        logger.info(f"  {line}")
 
 
 def run_stage(args: argparse.Namespace, cfg, run_dir: Path, resume, metrics: dict) -> None:
