@@ -86,13 +86,13 @@ def cityscapes_overrides(split: dict[str, Path]) -> list[str]:
 # --- running commands as a user does -------------------------------------------------------------
 
 WRITE_TRACER = textwrap.dedent('''
-    # Test harness (tests/rehearsal): log every file-system write a process of rank > 0 makes
-    # under CASTSEG_TRACE_ROOT, through Python's audit events (open for writing, mkdir, rename,
-    # remove, ...), to CASTSEG_TRACE_DIR/rank<r>.txt.
+    # Test harness (tests/rehearsal): log every file-system write a process makes under
+    # CASTSEG_TRACE_ROOT, through Python's audit events (open for writing, mkdir, rename, remove,
+    # ...), to CASTSEG_TRACE_DIR/rank<RANK>.txt (torchrun's launcher itself, without RANK: none).
     import os, sys
     _root = os.environ.get("CASTSEG_TRACE_ROOT")
-    _rank = os.environ.get("RANK", "0")
-    if _root and _rank != "0":
+    _rank = os.environ.get("RANK")
+    if _root and _rank is not None:
         _root = os.path.realpath(_root)
         _log = os.path.join(os.environ["CASTSEG_TRACE_DIR"], f"rank{_rank}.txt")
         _busy = [False]
@@ -150,6 +150,13 @@ def castseg(args: Sequence[str], env: dict[str, str], cwd: Path, timeout: float 
         pytest.fail(f"`castseg {' '.join(map(str, args))}` exited {proc.returncode}:\n{proc.stderr[-6000:]}",
                     pytrace=False)
     return proc
+
+
+def traced_writes(trace_dir: Path, rank: int) -> list[tuple[str, str]]:
+    """``(event, path)`` of each write :data:`WRITE_TRACER` logged for ``rank``."""
+    log = trace_dir / f"rank{rank}.txt"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [tuple(line.split(" ", 1)) for line in lines]  # type: ignore[misc]
 
 
 def tree(root: Path) -> set[str]:
