@@ -150,8 +150,16 @@ def flop_counter() -> Any:
     """A :class:`~torch.utils.flop_counter.FlopCounterMode` that only keeps the total."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _Global()
+    aten = torch.ops.aten
+    # the fused CPU attention that _fused_sdpa routes meta attention to has no formula of its own
+    counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = \
+        lambda q, k, v, *a, **kw: sdpa_flop_count(q.shape, k.shape, v.shape)
+    counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+        lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
     return counter
 
 
