@@ -58,13 +58,17 @@ def meta_student(arch: dict[str, Any]) -> nn.Module:
 
 
 def _hf_config(name: str | None, given: Any, default: str, cls: Any, option: str) -> Any:
-    """A transformers config for a teacher part: ``given`` (``*_config``), else the paper
-    config of a known hub id, else a local folder's ``config.json``."""
+    """A transformers config for a teacher part: ``given`` (``*_config``), else the config the
+    run will load (a local folder's, or a hub id's in the local hub cache), else the paper config
+    of a known hub id. Never downloads."""
     from castseg.models.sizes import paper_teacher_configs
 
     if given is not None:
         return cls(**given) if isinstance(given, dict) else given
     name = name or default
+    cached = _cached_config(name, cls)
+    if cached is not None:
+        return cached
     known = paper_teacher_configs()
     if name.rsplit("/", 1)[-1] in known:
         return cls(**known[name.rsplit("/", 1)[-1]])
@@ -72,6 +76,16 @@ def _hf_config(name: str | None, given: Any, default: str, cls: Any, option: str
         return cls.from_pretrained(str(Path(name).expanduser()))
     raise CastsegError(f"teacher {option} {name!r}: not a known hub id ({', '.join(known)}) nor a local folder "
                        f"with config.json; plan needs its architecture")
+
+
+def _cached_config(name: str, cls: Any) -> Any:
+    """The config.json a hub id already has in the local hub cache, else None (no network)."""
+    if Path(name).expanduser().exists() or name.count("/") != 1:
+        return None
+    try:
+        return cls.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def grounded_sam_parts(spec: Any) -> tuple[nn.Module, nn.Module, dict[str, Any]]:

@@ -53,3 +53,28 @@ def test_plan_prints_a_table_and_measures_the_data(tiny_run, capsys):
 def test_plan_of_a_missing_teacher_checkpoint_is_one_line(tiny_run, capsys):
     assert cli.main(["plan", str(tiny_run / "tiny.yaml"), f"teacher.path={tiny_run / 'nowhere'}"]) == 2
     assert "no model.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_fresh_run_starts_with_the_plan_on_a_gpu(tiny_run, monkeypatch, caplog, gpu):
+    """`castseg run` logs each stage's estimate first when it will run on a GPU (the replay costs
+    10-40 s of CPU, so a CPU run gets a one-line pointer instead). Stages stubbed out: this is
+    about what comes before them."""
+    import logging
+
+    import torch
+
+    from castseg import stages
+    from castseg.commands import pipeline
+
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    monkeypatch.setattr("castseg.device.resolve_device", lambda spec="auto", local_rank=None: device)
+    monkeypatch.setattr(stages, "run_all", lambda cfg, run_dir, resume: {})
+    monkeypatch.setattr(pipeline, "print_summary", lambda metrics, with_premise: None)
+    with caplog.at_level(logging.INFO, logger="castseg"):
+        assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(tiny_run / "runs")]) == 0
+    text = caplog.text
+    if gpu:
+        assert "plan (estimated" in text and "GiB peak per GPU process" in text and "distill" in text
+    else:
+        assert "plan (estimated" not in text and "`castseg plan CONFIG` estimates" in text

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rehearsal_harness import (CITYSCAPES_CLASSES, CUSTOM_CLASSES, RUN_ROWS, SIZES, STAGES, STEPS, castseg,
-                      cityscapes_overrides, data_overrides, read_yaml, shipped, traced_writes, tree)
+from rehearsal_harness import (CITYSCAPES_CLASSES, CUSTOM_CLASSES, RUN_ROWS, SIZES, STAGES, STEPS, TEACHER_SIZES,
+                               castseg, cityscapes_overrides, data_overrides, read_yaml, shipped, traced_writes, tree)
 
 
 def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
@@ -144,12 +144,15 @@ def test_demo_pretrained_quick_runs_on_the_hub_models(hub_env, tmp_path):
     from castseg.model_rows import MODEL_ROWS
 
     work = tmp_path / "work"
-    # sizes only: smaller training crops and mask points (the steps are --quick's)
-    proc = castseg(["demo", "--pretrained", "--quick", "--out", "demo", "data.crop_size=[64,64]", "train.batch_size=1",
-                    "data.unlabeled_batch_size=1", "loss.num_points=256", "loss.max_anchors=64", "eval.max_size=128",
-                    "pseudo_labels.max_size=128"], hub_env, work, timeout=600)
+    # sizes only: smaller training crops, mask points, decoder and detector input (the steps are
+    # --quick's); the model/teacher overrides apply on top of the hub sections --pretrained fills in
+    sizes = [s for s in SIZES if s.startswith(("model.", "loss."))] + TEACHER_SIZES
+    proc = castseg(["demo", "--pretrained", "--quick", "--out", "demo", "data.crop_size=[64,128]", "train.batch_size=1",
+                    "data.unlabeled_batch_size=1", "eval.max_size=128", "pseudo_labels.max_size=128", *sizes],
+                   hub_env, work, timeout=600)
     out = work / "demo"
     resolved = read_yaml(out / "config.yaml")
+    assert resolved["model"]["dec_layers"] == 2 and resolved["teacher"]["detector_size"] == [64, 128]
     assert resolved["teacher"]["detector"] == PRETRAINED_TEACHER["detector"]
     assert resolved["teacher"]["segmenter"] == PRETRAINED_TEACHER["segmenter"]
     assert resolved["model"]["encoder_name"] == PRETRAINED_STUDENT["encoder_name"]

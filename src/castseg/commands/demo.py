@@ -120,12 +120,15 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> Any:
     """assets/demo.yaml + the split's files + the models (stand-ins or hub) + overrides."""
-    from castseg.config import load_config, with_values
+    from castseg.config import load_config, parse_scalar, with_values
 
     quick = ["adapt.train.max_steps=2", "distill.train.max_steps=4", "refine.train.max_steps=2",
              "supervised.train.max_steps=2",
              "train.ckpt_every=0", "train.log_every=1", "eval.topk=100"] if args.quick else []
-    cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}", *args.overrides])
+    # overrides of the sections filled in below (model, teacher) are applied on top of them, last
+    filled = [o for o in args.overrides if o.partition("=")[0].strip().split(".")[0] in ("model", "teacher")]
+    cfg = load_config(asset("demo.yaml"), [*quick, f"train.seed={args.seed}",
+                                           *(o for o in args.overrides if o not in filled)])
     labeled, unlabeled, val, gt = files["labeled"], files["unlabeled"], files["val"], files.get("unlabeled_gt")
     if args.quick:
         unlabeled = _subset(unlabeled, out / "splits" / "unlabeled_quick.json", 6)
@@ -139,6 +142,11 @@ def demo_config(args: argparse.Namespace, files: dict[str, Path], out: Path) -> 
     else:
         teacher, student = standins()
         values.update({"teacher": {"type": "checkpoint", "path": str(teacher)}, "model.init_from": str(student)})
+    # the user's key=value overrides win over the sections filled in above (e.g. `--pretrained
+    # model.dec_layers=6` used to be dropped when the whole model section was replaced)
+    for item in filled:
+        key, _, text = item.partition("=")
+        values[key.strip()] = parse_scalar(text)
     return with_values(cfg, values, "castseg demo")
 
 

@@ -70,17 +70,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = with_values(cfg, {"data.unlabeled_gt": args.unlabeled_gt}, "--unlabeled-gt")
     run_dir = Path(args.runs) / (args.name or Path(args.config).stem)
     main = is_main_process()  # under torchrun every rank trains; rank 0 alone writes the run's files
-    run_dir.mkdir(parents=True, exist_ok=True)
     if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "config.yaml")
     resume = False if args.no_resume else ("auto" if args.restart_changed else True)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
-    if args.verb in ("adapt", "distill"):
-        run_checks.load_unlabeled_gt(cfg)  # run_all checks it itself; either way before any training
+    if args.verb in ("adapt", "distill", "run"):
+        run_checks.load_unlabeled_gt(cfg)  # before any training (run_all checks it again)
     if args.verb == "run":
-        log_plan(cfg)
+        if main and not metrics:  # a fresh run: what it will need, before hours are spent
+            log_plan(cfg)
         metrics = stages.run_all(cfg, run_dir, resume)
     else:
         run_stage(args, cfg, run_dir, resume, metrics)
@@ -95,10 +96,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def log_plan(cfg) -> None:
-    """Log :func:`castseg.plan.plan_run`'s per-stage summary (quick: one image replayed, no
-    data timing); an estimate that fails only warns — it never stops a run."""
+    """On a GPU run, log :func:`castseg.plan.plan_run`'s per-stage summary (quick: one image
+    replayed, no data timing); an estimate that fails only warns — it never stops a run. The
+    replay takes 10-40 s of CPU: on a CPU run, where no GPU memory is at stake, one hint line."""
     import time
 
+    from castseg.device import resolve_device
+
+    if resolve_device(cfg.train.device).type != "cuda":
+        logger.info("plan: `castseg plan CONFIG` estimates each stage's memory per GPU and GFLOPs per step "
+                    "(printed here when the run is on a GPU)")
+        return
     start = time.perf_counter()
     try:
         from castseg.plan import plan_run, summary_lines
