@@ -152,14 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4, help="labeled = unlabeled images; val gets 1")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", nargs="*", default=[], help="more key=value overrides")
+    p.add_argument("--hub-cache", type=Path, default=None,
+                   help="an HF_HOME that already holds the models (castseg.models.hub_cache); default: write one")
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from castseg.models.hub_cache import hub_env, write_hub_cache
 
-    os.environ.update(hub_env(out / "hf"))  # before transformers reads HF_HOME
+    cache = args.hub_cache or out / "hf"
+    os.environ.update(hub_env(cache))  # before transformers reads HF_HOME
     t0 = time.perf_counter()
-    write_hub_cache(out / "hf", size=args.size, class_words=CLASSES)
+    if args.hub_cache is None:
+        write_hub_cache(cache, size=args.size, class_words=CLASSES)
     hub_s = time.perf_counter() - t0
     import torch
     from transformers.utils import logging as hf_logging

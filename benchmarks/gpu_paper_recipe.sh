@@ -15,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_paper} SIZE=${SIZE:-paper} IMAGE=${IMAGE:-1024x2048} CROP=${CROP:-} STEPS=${STEPS:-3}
-DEVICE=${DEVICE:-auto} BUDGET_S=${BUDGET_S:-420} SETS=${SETS:-}
+DEVICE=${DEVICE:-auto} BUDGET_S=${BUDGET_S:-420} SETS=${SETS:-} HUB_CACHE=${HUB_CACHE:-}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 if ! "$PY" -c "import faster_coco_eval, pydantic" 2>/dev/null; then  # the device image: from tools/gpu_wheels.sh
@@ -31,6 +31,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"; nproc; } 
 cat "$OUT/env.txt"
 args=(--out "$OUT" --size "$SIZE" --image "$IMAGE" --steps "$STEPS" --device "$DEVICE")
 [ -n "$CROP" ] && args+=(--crop "$CROP")
+[ -n "$HUB_CACHE" ] && args+=(--hub-cache "$HUB_CACHE")  # an existing HF_HOME (the dry run's)
 # shellcheck disable=SC2206  # SETS is a list of key=value overrides
 [ -n "$SETS" ] && args+=(--set $SETS)
 timeout "$BUDGET_S" "$PY" benchmarks/gpu_paper_recipe.py "${args[@]}" > "$OUT/run.log" 2>&1

@@ -150,7 +150,7 @@ def test_one_forward_over_both_batches_equals_separate_forwards(model, batches):
 
 def test_a_step_reads_few_values_back_whatever_the_depth():
     """Every ``.item()`` / ``int()`` / ``float()`` of a device tensor makes the host wait for the
-    GPU. A step used to make 41 such reads with 2 decoder layers and 73 with 6 (per image and per
+    GPU. A step used to make 33 such reads with 1 decoder layer and 48 with 3 (per image and per
     layer: label checks, instance counts, the monitors); now a handful, the same at any depth."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -177,7 +177,7 @@ def test_a_step_reads_few_values_back_whatever_the_depth():
                 "targets": [{"labels": torch.zeros(3, dtype=torch.long), "masks": masks} for _ in range(2)]}
 
     counts = []
-    for layers in (2, 6):
+    for layers in (1, 3):
         torch.manual_seed(0)
         model = build_student(StudentConfig.from_preset("tiny", num_queries=20, dec_layers=layers))
         objective = build_objective(1, LossConfig(num_points=256, max_anchors=64, num_negatives=16), 1.0, 0.1)

@@ -227,3 +227,25 @@ def test_an_adapted_ensemble_saves_and_loads_as_one_teacher(tmp_path):
     x = torch.rand(1, 3, 40, 40)
     assert_same(back.predict(x)[0], ens.eval().predict(x)[0])
 
+
+
+def test_a_checkpoint_teacher_and_predict_default_to_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    """`teacher: {type: checkpoint}` loaded to the CPU unless told otherwise, and `castseg predict`
+    / `pseudo-label` defaulted to --device cpu: on a GPU machine every teacher pass crawled.
+    Now "auto" (here faked as the meta device): this process's GPU when there is one."""
+    from castseg.commands import predict, pseudo_label
+    from castseg.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", tiny_student(), None, ["cell", "debris"], step=3)
+    monkeypatch.setattr("castseg.device.resolve_device", lambda spec="auto", local_rank=None: torch.device(
+        "meta" if spec == "auto" else spec))
+    teacher = build_teacher({"type": "checkpoint", "path": str(tmp_path / "ckpt")})
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}
+    import argparse
+
+    for command in (predict, pseudo_label):
+        sub = argparse.ArgumentParser().add_subparsers()
+        args = command.add_parser(sub).parse_args(["--out", "x", "--images", "y", "--teacher", "z"]
+                                                  if command is pseudo_label else ["--out", "x", "--images", "y",
+                                                                                   "--checkpoint", "z"])
+        assert args.device == "auto", command.__name__

@@ -1,25 +1,23 @@
 """benchmarks/gpu_paper_recipe.sh, the prepared GPU check of the paper's recipe, dry-runs on
-the CPU with tiny hub models: every stage runs and is measured, and the results table is
-written, so the command is known to work before a GPU machine is lent."""
+the CPU with the rehearsal's tiny hub models: every stage runs and is measured, and the results
+table is written, so the command is known to work before a GPU machine is lent."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from rehearsal_harness import SIZES, TEACHER_SIZES
+
 ROOT = Path(__file__).resolve().parents[2]
-SETS = ["teacher.detector_size=[64,128]", "data.val_max_size=128", "pseudo_labels.max_size=128",
-        "model.num_queries=10", "model.hidden_dim=64", "model.mask_dim=64", "model.dim_feedforward=256",
-        "model.dec_layers=2", "model.embed_hidden=64", "loss.num_points=256", "loss.max_anchors=64",
-        "loss.num_negatives=16", "eval.topk=10", "train.batch_size=2"]
 
 
-def test_the_gpu_script_dry_runs_on_cpu(tmp_path):
-    env = {**os.environ, "SIZE": "tiny", "IMAGE": "64x128", "CROP": "64x128", "STEPS": "1", "DEVICE": "cpu",
-           "OUT": str(tmp_path / "out"), "SETS": " ".join(SETS), "PY": sys.executable, "OMP_NUM_THREADS": "1"}
+def test_the_gpu_script_dry_runs_on_cpu(hub_cache, hub_env, tmp_path):
+    env = {**hub_env, "SIZE": "tiny", "IMAGE": "64x128", "STEPS": "1", "DEVICE": "cpu", "OUT": str(tmp_path / "out"),
+           "HUB_CACHE": str(hub_cache), "SETS": " ".join([*SIZES, *TEACHER_SIZES, "train.batch_size=2"]),
+           "PY": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_paper_recipe.sh")], env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -35,4 +33,4 @@ def test_the_gpu_script_dry_runs_on_cpu(tmp_path):
     assert all(r["latency_ms"] > 0 for r in res["latency"].values())
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| distill |" in table and "student (refined):" in table
-    assert not (tmp_path / "out" / "hf").exists()  # the hub cache's weights are not left behind
+    assert hub_cache.is_dir() and not (tmp_path / "out" / "data").exists()  # the given cache is kept

@@ -82,31 +82,29 @@ def test_cityscapes_recipe_runs_every_stage_in_one_process(hub_env, cityscapes_s
 # --- b. configs/teacher_grounded_sam.yaml: `pseudo-label --teacher` and `distill --teacher` ------
 
 
-def test_teacher_config_pseudo_labels_unlabeled_images(hub_env, cityscapes_split, tmp_path):
-    out = tmp_path / "work" / "pseudo.json"
-    castseg(["pseudo-label", "--teacher", shipped("teacher_grounded_sam.yaml"),
-             "--images", cityscapes_split["unlabeled"], "--out", out], hub_env, tmp_path / "work")
-    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text()) \
-        if out.with_name(out.name + ".manifest.json").is_file() else None
-    n = len(json.loads(Path(cityscapes_split["unlabeled"]).read_text())["images"])
-    assert manifest is not None and manifest["num_images"] == n, manifest
-    results = json.loads(out.read_text())
-    assert isinstance(results, list)
-    ids = {c["id"] for c in json.loads(Path(cityscapes_split["labeled"]).read_text())["categories"]}
-    assert all(r["category_id"] in ids or 1 <= r["category_id"] <= len(CITYSCAPES_CLASSES) for r in results)
-
-
-def test_teacher_config_distills_the_cityscapes_student(hub_env, cityscapes_split, tmp_path):
+def test_teacher_config_pseudo_labels_and_distills_the_cityscapes_student(hub_env, cityscapes_split, tmp_path):
+    """`castseg pseudo-label --teacher configs/teacher_grounded_sam.yaml` (the file unchanged),
+    then `castseg distill --teacher` with the same file: distill finds the cache the command made
+    (same teacher, images and options) and trains on it instead of labelling again."""
     config = shipped("cityscapes_10pct.yaml")
     overrides = cityscapes_overrides(cityscapes_split)
     work = tmp_path / "work"
-    castseg(["distill", config, *overrides, "--runs", "runs", "--teacher", shipped("teacher_grounded_sam.yaml")],
-            hub_env, work)
     run = work / "runs" / "cityscapes_10pct"
+    cache = run / "pseudo_labels" / "teacher.json"
+    max_size = next(o for o in overrides if o.startswith("pseudo_labels.max_size=")).partition("=")[2]
+    castseg(["pseudo-label", "--teacher", shipped("teacher_grounded_sam.yaml"), "--images",
+             cityscapes_split["unlabeled"], "--out", cache, "--max-size", max_size], hub_env, work)
+    manifest = json.loads(cache.with_name(cache.name + ".manifest.json").read_text())
+    n = len(json.loads(Path(cityscapes_split["unlabeled"]).read_text())["images"])
+    assert manifest["num_images"] == n, manifest
+    ids = {c["id"] for c in json.loads(Path(cityscapes_split["labeled"]).read_text())["categories"]}
+    assert all(r["category_id"] in ids for r in json.loads(cache.read_text()))
+    proc = castseg(["distill", config, *overrides, "--runs", "runs", "--teacher", shipped("teacher_grounded_sam.yaml")],
+                   hub_env, work)
+    assert "finished earlier with the same teacher and images, reused" in proc.stderr
     assert_recipe_kept(run / "config.yaml", config, overrides)
     metrics = json.loads((run / "metrics.json").read_text())
     assert_rows(metrics, ("student_distilled",))
-    assert (run / "pseudo_labels" / "teacher.json").is_file()
     assert (run / "distill" / "checkpoints" / "last").is_dir()
 
 
