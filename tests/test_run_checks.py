@@ -173,3 +173,19 @@ def test_report_shows_pseudo_labels_and_premise(tmp_path):
     assert "1.50x (CAST needs &gt; 1)" in doc and "<td>adapt/c</td><td>0.250</td>" in doc
     md, _ = write_report(tmp_path, {"teacher_adapted": {"AP": 0.3, "AP50": 0.6}})
     assert "Pseudo-labels" not in md.read_text() and "= — (no supervised-only AP)" in md.read_text()
+
+
+def test_a_wrong_class_count_fails_before_stage_1(tiny_run, capsys):
+    """`model.num_classes` or the teacher's `class_names` that do not match the labeled data used
+    to fail as a traceback at the first distillation step, after all of stage 1."""
+    from castseg import cli
+
+    base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(tiny_run / "runs")]
+    assert cli.main([*base, "model.num_classes=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labeled.json: model.num_classes is 3, but the labeled data has 1 category (nucleus)" \
+        in err[0] and "set model.num_classes: 1" in err[0], err
+    assert cli.main([*base, "teacher.class_names=[nucleus,cell]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.class_names has 2 names, but the labeled data has 1 category (nucleus)" in err[0], err
+    assert not (tiny_run / "runs" / "tiny" / "adapt").exists()  # nothing trained

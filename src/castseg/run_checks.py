@@ -49,6 +49,25 @@ def premise_text(metrics: dict[str, Any]) -> str:
     return f"{PREMISE} = — ({why})"
 
 
+def check_classes(cfg: RunConfig) -> list[str]:
+    """The labeled data's class names, checked before any stage trains against ``model.num_classes``
+    and a teacher spec's ``class_names`` (one prompt per category): a wrong count used to surface
+    as a traceback at the first distillation step, after all of stage 1."""
+    if not cfg.data.labeled:
+        return []
+    names = load_coco(cfg.data.labeled, cfg.data.images_root).class_names
+    shown = f"{len(names)} categor{'y' if len(names) == 1 else 'ies'} (" + ", ".join(names[:10]) \
+        + (", ...)" if len(names) > 10 else ")")
+    if cfg.model.num_classes != len(names):
+        raise InputError(cfg.data.labeled, f"model.num_classes is {cfg.model.num_classes}, but the labeled data has "
+                         f"{shown}; set model.num_classes: {len(names)}")
+    given = getattr(cfg.teacher, "class_names", None)
+    if given is not None and len(given) != len(names):
+        raise InputError(cfg.data.labeled, f"teacher.class_names has {len(given)} names, but the labeled data has "
+                         f"{shown}; give the teacher one name per category, in order")
+    return names
+
+
 def load_unlabeled_gt(cfg: RunConfig) -> CocoData | None:
     """``data.unlabeled_gt`` loaded and checked to hold exactly the unlabeled set's images
     (same ids and file names); None when the config has none."""

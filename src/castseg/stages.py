@@ -264,6 +264,7 @@ def run_all(cfg: RunConfig, run_dir: Path, resume: bool | str = True, report: bo
     AP (:mod:`castseg.run_checks`). Under torchrun every rank trains; rank 0 alone evaluates
     teachers, scores pseudo-labels and writes metrics.json and the report."""
     info = run_dist(cfg)
+    run_checks.check_classes(cfg)  # a wrong class count fails now, not at distillation's first step
     run_checks.load_unlabeled_gt(cfg)  # a wrong path or image set fails now, not after stage 1
     metrics: Metrics = {}
 

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
+    run_checks.check_classes(cfg)  # before any training (run_all checks again, for the API and the demo)
     if args.verb in ("adapt", "distill", "run"):
         run_checks.load_unlabeled_gt(cfg)  # before any training (run_all checks it again)
     if args.verb == "run":
