@@ -136,7 +136,7 @@ def load_predictor(path: str | Path, onnx: bool = False, device: str = "auto", t
     """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``)
     or, with ``onnx``, an exported ``.onnx`` file. ``device``: "auto" is this process's GPU
     when there is one, else the CPU."""
-    from castseg.engine.distributed import resolve_device
+    from castseg.device import resolve_device
 
     device = str(resolve_device(str(device)))
     path = Path(path)

@@ -50,7 +50,7 @@ class Trainable(Protocol):
 def val_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``evaluate_model`` options of a run's ``eval`` section."""
     from castseg.engine.data import loader_settings
-    from castseg.engine.distributed import resolve_device
+    from castseg.device import resolve_device
 
     ev = cfg.eval
     workers = loader_settings(cfg.train.num_workers, resolve_device(cfg.train.device))["num_workers"]

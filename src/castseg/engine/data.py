@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 import warnings
 from typing import Any, Callable, Iterator
@@ -191,8 +192,6 @@ def loader_settings(num_workers: int | str, device: torch.device) -> dict[str, A
     GPU, this process's share of the CPUs it may use (all ranks of a node share them; one core
     left to the training loop), at most 8; on a CPU 0, as the model computes on those cores.
     Pinned host memory lets batches copy to a GPU asynchronously."""
-    import os
-
     cuda = device.type == "cuda"
     if num_workers == "auto":
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

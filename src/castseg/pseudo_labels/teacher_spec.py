@@ -83,7 +83,7 @@ def load_teacher(spec: str | Path, device: Any = "auto", fingerprint: bool = Tru
     ``fingerprint=False`` (a teacher only to predict with) the weight files are not read twice
     for hashing, and ``weights`` / ``sha256`` are empty / None.
     """
-    from castseg.engine.distributed import resolve_device
+    from castseg.device import resolve_device
     from castseg.models.teacher_factory import build_teacher
 
     device = str(resolve_device(str(device)))  # "auto": this process's GPU (cuda:LOCAL_RANK) if any, else CPU
