@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import warnings
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from castseg.commands import split as split_cmd
+from castseg.api.data import split
 from castseg.data import masks as M
 from castseg.data.dataset import CocoInstanceDataset, UnlabeledImageDataset, collate_instances
 from castseg.data.transforms import StrongView, WeakView
@@ -210,10 +209,7 @@ def test_unlabeled_empty_or_missing_source_is_an_error(tmp_path):
 def test_split_outputs_load_without_extra_flags(tmp_path):
     """labeled.json / unlabeled.json live in another folder; their images_root key finds the images."""
     ann = build_coco(tmp_path / "data")
-    parser = argparse.ArgumentParser()
-    split_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["split", str(ann), "--labeled-fraction", "0.5", "--out-dir", str(tmp_path / "s")])
-    args.func(args)
+    split(ann, labeled_fraction=0.5, out_dir=tmp_path / "s")
     lab = CocoInstanceDataset(tmp_path / "s" / "labeled.json")
     unl = UnlabeledImageDataset(tmp_path / "s" / "unlabeled.json", transform=WeakView(crop_size=(16, 16)))
     assert len(lab) + len(unl) == 3 and len(lab) == 2

@@ -1,8 +1,8 @@
-"""`castseg split`: reproducible, nested label-fraction splits with a fixed val set."""
+"""`castseg split` (:func:`castseg.api.data.split`): reproducible, nested label-fraction splits with
+a fixed val set."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from castseg.commands import split as split_cmd
+from castseg.api.data import split
 from castseg.data import masks as M
 from castseg.data.coco_io import load_coco
 from castseg.data.split import count_for, make_split
@@ -38,11 +38,6 @@ def make_coco(root: Path, n: int = 20, names: list[str] | None = None) -> Path:
     return data / "ann.json"
 
 
-def run_split(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    split_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["split", *argv])
-    return args.func(args)
 
 
 def read(path: Path):
@@ -52,7 +47,8 @@ def read(path: Path):
 def test_split_writes_labeled_unlabeled_and_resolvable_paths(tmp_path, capsys):
     ann = make_coco(tmp_path)
     out = tmp_path / "splits" / "p25"
-    assert run_split(str(ann), "--labeled-fraction", "0.25", "--seed", "0", "--out-dir", str(out)) == 0
+    files = split(ann, labeled_fraction=0.25, seed=0, out_dir=out)
+    assert files == {k: out / f"{k}.json" for k in ("labeled", "unlabeled", "unlabeled_gt", "split")}
     assert "labeled 5" in capsys.readouterr().err  # a message (logging, stderr), not a result
     lab, unl = read(out / "labeled.json"), read(out / "unlabeled.json")
     assert len(lab["images"]) == 5 and len(unl["images"]) == 15
@@ -74,11 +70,10 @@ def test_split_writes_labeled_unlabeled_and_resolvable_paths(tmp_path, capsys):
 def test_same_seed_gives_byte_identical_outputs(tmp_path):
     ann = make_coco(tmp_path)
     for d in ("a", "b"):
-        run_split(str(ann), "--labeled-fraction", "0.3", "--val-fraction", "0.2", "--out-dir", str(tmp_path / d))
+        split(ann, labeled_fraction=0.3, val_fraction=0.2, out_dir=tmp_path / d)
     for name in ("labeled.json", "unlabeled.json", "val.json", "split.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    run_split(str(ann), "--labeled-fraction", "0.3", "--val-fraction", "0.2", "--seed", "1",
-              "--out-dir", str(tmp_path / "c"))
+    split(ann, labeled_fraction=0.3, val_fraction=0.2, seed=1, out_dir=tmp_path / "c")
     assert read(tmp_path / "c" / "split.json")["image_ids"] != read(tmp_path / "a" / "split.json")["image_ids"]
 
 
@@ -86,8 +81,7 @@ def test_growing_fractions_are_nested_and_share_val(tmp_path):
     ann = make_coco(tmp_path, n=60)
     ids = {}
     for f in ("0.05", "0.1", "0.3", "1.0"):
-        run_split(str(ann), "--labeled-fraction", f, "--val-fraction", "0.15", "--seed", "3",
-                  "--out-dir", str(tmp_path / f))
+        split(ann, labeled_fraction=float(f), val_fraction=0.15, seed=3, out_dir=tmp_path / f)
         ids[f] = read(tmp_path / f / "split.json")["image_ids"]
     vals = [tuple(v["val"]) for v in ids.values()]
     assert len(set(vals)) == 1 and len(vals[0]) == 9
@@ -107,17 +101,17 @@ def test_at_least_one_labeled_image():
     assert count_for(0.001, 20) == 1 and count_for(0.5, 3) == 2 and count_for(1.0, 7) == 7
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--labeled-fraction", "0"], "labeled-fraction"),
-    (["--labeled-fraction", "1.5"], "labeled-fraction"),
-    (["--labeled-fraction", "nan"], "labeled-fraction"),
-    (["--labeled-fraction", "0.1", "--val-fraction", "1"], "val-fraction"),
-    (["--labeled-fraction", "0.1", "--val-fraction", "-0.1"], "val-fraction"),
+@pytest.mark.parametrize("kwargs, match", [
+    ({"labeled_fraction": 0}, "labeled-fraction"),
+    ({"labeled_fraction": 1.5}, "labeled-fraction"),
+    ({"labeled_fraction": float("nan")}, "labeled-fraction"),
+    ({"labeled_fraction": 0.1, "val_fraction": 1}, "val-fraction"),
+    ({"labeled_fraction": 0.1, "val_fraction": -0.1}, "val-fraction"),
 ])
-def test_bad_fractions_are_clear_errors(tmp_path, argv, match):
+def test_bad_fractions_are_clear_errors(tmp_path, kwargs, match):
     ann = make_coco(tmp_path, n=4)
     with pytest.raises(InputError, match=match):
-        run_split(str(ann), *argv, "--out-dir", str(tmp_path / "o"))
+        split(ann, **kwargs, out_dir=tmp_path / "o")
 
 
 def test_val_must_leave_training_images(tmp_path):
@@ -140,7 +134,7 @@ def test_labeled_ids_match_names_stems_and_paths(tmp_path):
         "aachen_000003_000019_leftImg8bit.png",                           # duplicate: ignored
     ]) + "\n")
     out = tmp_path / "o"
-    run_split(str(ann), "--labeled-ids", str(ids_file), "--val-fraction", "0.2", "--out-dir", str(out))
+    split(ann, labeled_ids=ids_file, val_fraction=0.2, out_dir=out)
     man = read(out / "split.json")
     assert man["image_ids"]["labeled"] == [100, 101, 102, 103]
     assert man["image_ids"]["val"] and set(man["image_ids"]["val"]) <= {104, 105}
@@ -153,10 +147,10 @@ def test_unmatched_labeled_ids_are_listed(tmp_path):
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("im000\nnope_a\nimgs/im001.png\nnope_b\n")
     with pytest.raises(InputError, match=r"2 of 4 entries match no image.*'nope_a', 'nope_b'"):
-        run_split(str(ann), "--labeled-ids", str(ids_file), "--out-dir", str(tmp_path / "o"))
+        split(ann, labeled_ids=ids_file, out_dir=tmp_path / "o")
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     with pytest.raises(InputError, match="no entries"):
-        run_split(str(ann), "--labeled-ids", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "o"))
+        split(ann, labeled_ids=tmp_path / "empty.txt", out_dir=tmp_path / "o")
 
 
 def test_ambiguous_labeled_id_is_an_error(tmp_path):
@@ -164,16 +158,16 @@ def test_ambiguous_labeled_id_is_an_error(tmp_path):
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("x.png\n")
     with pytest.raises(InputError, match="several images"):
-        run_split(str(ann), "--labeled-ids", str(ids_file), "--out-dir", str(tmp_path / "o"))
+        split(ann, labeled_ids=ids_file, out_dir=tmp_path / "o")
     ids_file.write_text("/data/a/x.png\n")  # a longer path disambiguates
-    run_split(str(ann), "--labeled-ids", str(ids_file), "--out-dir", str(tmp_path / "o"))
+    split(ann, labeled_ids=ids_file, out_dir=tmp_path / "o")
     assert read(tmp_path / "o" / "split.json")["image_ids"]["labeled"] == [100]
 
 
 def test_manifest_records_provenance(tmp_path):
     ann = make_coco(tmp_path)
     out = tmp_path / "o"
-    run_split(str(ann), "--labeled-fraction", "0.1", "--val-fraction", "0.15", "--seed", "5", "--out-dir", str(out))
+    split(ann, labeled_fraction=0.1, val_fraction=0.15, seed=5, out_dir=out)
     man = read(out / "split.json")
     assert man["seed"] == 5 and man["labeled_fraction"] == 0.1 and man["val_fraction"] == 0.15
     assert man["source_sha256"] == hashlib.sha256(ann.read_bytes()).hexdigest()
@@ -189,7 +183,7 @@ def test_manifest_records_provenance(tmp_path):
 def test_unlabeled_gt_keeps_exactly_the_unlabeled_images_annotations(tmp_path, capsys):
     ann = make_coco(tmp_path)
     out = tmp_path / "o"
-    run_split(str(ann), "--labeled-fraction", "0.25", "--val-fraction", "0.2", "--seed", "2", "--out-dir", str(out))
+    split(ann, labeled_fraction=0.25, val_fraction=0.2, seed=2, out_dir=out)
     gt, unl = load_coco(out / "unlabeled_gt.json"), read(out / "unlabeled.json")
     assert [im["id"] for im in gt.images] == [im["id"] for im in unl["images"]]
     assert gt.images == unl["images"]
@@ -205,7 +199,7 @@ def test_unlabeled_gt_keeps_exactly_the_unlabeled_images_annotations(tmp_path, c
     assert "annotations" not in unl  # the training file stays images-only
     # all images labeled: nothing to set aside, and the earlier file is flagged as stale
     capsys.readouterr()
-    run_split(str(ann), "--labeled-fraction", "1.0", "--val-fraction", "0.2", "--seed", "2", "--out-dir", str(out))
+    split(ann, labeled_fraction=1.0, val_fraction=0.2, seed=2, out_dir=out)
     assert "unlabeled_gt" not in read(out / "split.json")["files"]
     assert f"warning: {out / 'unlabeled_gt.json'} is from an earlier run" in capsys.readouterr().err
 
@@ -228,16 +222,14 @@ def test_images_root_flag_and_key(tmp_path):
     moved.write_text(ann.read_text())
     lost = load_coco(moved)
     assert not any(lost.image_path(im).exists() for im in lost.images)
-    run_split(str(moved), "--labeled-fraction", "0.5", "--images-root", str(ann.parent), "--out-dir",
-              str(tmp_path / "o"))
+    split(moved, labeled_fraction=0.5, images_root=ann.parent, out_dir=tmp_path / "o")
     coco = load_coco(tmp_path / "o" / "labeled.json")
     assert coco.images_root.resolve() == ann.parent.resolve()
     assert all(coco.image_path(im).exists() for im in coco.images)
     # An explicit images_root argument still wins over the key.
     assert load_coco(tmp_path / "o" / "labeled.json", images_root=tmp_path).images_root == tmp_path
     # Splitting a split re-bases the key on the new output folder.
-    run_split(str(tmp_path / "o" / "labeled.json"), "--labeled-fraction", "0.5", "--out-dir",
-              str(tmp_path / "o" / "again"))
+    split(tmp_path / "o" / "labeled.json", labeled_fraction=0.5, out_dir=tmp_path / "o" / "again")
     again = load_coco(tmp_path / "o" / "again" / "labeled.json")
     assert all(again.image_path(im).exists() for im in again.images)
 
@@ -247,7 +239,7 @@ def test_refuses_to_overwrite_input(tmp_path):
     target = ann.parent / "labeled.json"
     target.write_text(ann.read_text())
     with pytest.raises(InputError, match="overwrite the input"):
-        run_split(str(target), "--labeled-fraction", "0.5", "--out-dir", str(ann.parent))
+        split(target, labeled_fraction=0.5, out_dir=ann.parent)
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from castseg import cli
+from castseg.api import data as api
 from castseg.data import masks as M
 from castseg.errors import InputError
 from castseg.eval import evaluate_cityscapes
@@ -96,6 +97,17 @@ def test_partially_right_predictions(cs_data):
     stats = evaluate_cityscapes(gt_folder, gt, preds)
     assert 0.0 < stats["AP"] < 1.0
     assert stats["per_class"]["car"]["AP"] < 1.0 and stats["per_class"]["person"]["AP"] < 1.0
+
+
+def test_api_evaluate_with_the_cityscapes_protocol(cs_data, tmp_path):
+    gt_folder, gt = cs_data
+    preds = perfect()
+    preds[1]["category_id"] = 28  # a car called a bus
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    stats = api.evaluate(tmp_path / "pred.json", gt, protocol="cityscapes", gt_folder=gt_folder)
+    assert stats == evaluate_cityscapes(gt_folder, gt, preds) and 0.0 < stats["AP"] < 1.0
+    with pytest.raises(InputError, match=r"needs gt_folder \(--gt-folder\)"):
+        api.evaluate(preds, gt, protocol="cityscapes")
 
 
 def test_cli_json(cs_data, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Pseudo-label cache: generate once, threshold on read, resume after a kill, shard under
-torchrun, round-trip through `castseg eval`, and one-line errors on bad input."""
+torchrun, round-trip through evaluation, and one-line errors on bad input."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from castseg import cli
+from castseg.api import data as api
 from castseg.data.transforms import resample
 from castseg.errors import InputError
 from castseg.eval.results import write_results
@@ -180,8 +181,9 @@ def test_restart_changed_sets_another_teachers_cache_aside(tmp_path, capsys):
 
 # ---------------------------------------------------------------- real teachers, CLI
 
-def test_round_trip_eval_matches_own_predictions(tmp_path, tiny_ckpt, capsys):
-    """The cache of a model, evaluated with `castseg eval`, scores the AP of its own predictions."""
+def test_round_trip_eval_matches_own_predictions(tmp_path, tiny_ckpt):
+    """The cache of a model (a checkpoint path), evaluated as COCO results, scores the AP of its own
+    predictions."""
     images = write_images(tmp_path / "data", 3, size=(48, 64))
     model, _ = load_checkpoint(tiny_ckpt)
     preds, annotations = [], []
@@ -198,15 +200,10 @@ def test_round_trip_eval_matches_own_predictions(tmp_path, tiny_ckpt, capsys):
                                 "segmentation": r["segmentation"], "iscrowd": 0})
     gt = write_images(tmp_path / "data", 3, annotations, size=(48, 64))
     write_results(preds, tmp_path / "own.json")
-    assert run_cli(["--teacher", tiny_ckpt, "--images", gt, "--out", tmp_path / "p.json", "--min-score", 0,
-                    "--batch-size", 1]) == 0
-
-    def ap(pred):
-        capsys.readouterr()
-        assert cli.main(["eval", "--gt", str(gt), "--pred", str(pred), "--json"]) == 0
-        return json.loads(capsys.readouterr().out)
-
-    own, cached = ap(tmp_path / "own.json"), ap(tmp_path / "p.json")
+    manifest = api.pseudo_label(tiny_ckpt, images=gt, out=tmp_path / "p.json", min_score=0, batch_size=1,
+                                progress=False)
+    assert manifest["finished"] and manifest["teacher_sha256"]
+    own, cached = api.evaluate(tmp_path / "own.json", gt), api.evaluate(tmp_path / "p.json", gt)
     assert own["AP"] > 0.1 and cached == own
 
 
@@ -244,8 +241,8 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers: the same float arithmetic, so identical files
     try:
-        assert run_cli(["--teacher", tiny_ckpt, "--images", images, "--out", tmp_path / "one.json",
-                        "--chunk-size", 1, "--min-score", 0]) == 0
+        api.pseudo_label(tiny_ckpt, images=images, out=tmp_path / "one.json", chunk_size=1, min_score=0,
+                         progress=False)
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

@@ -1,15 +1,14 @@
 """``castseg eval``: COCO AP (faster-coco-eval) or the official Cityscapes instance AP.
 
-See :mod:`castseg.eval.coco_eval` and :mod:`castseg.eval.cityscapes_eval`. With ``--json``
-stdout carries exactly one JSON object, so scripts can parse it; otherwise a readable table.
+A thin wrapper over :func:`castseg.api.data.evaluate` (see :mod:`castseg.eval.coco_eval` and
+:mod:`castseg.eval.cityscapes_eval`). With ``--json`` stdout carries exactly one JSON object, so
+scripts can parse it; otherwise a readable table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from castseg.errors import InputError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,30 +42,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.protocol == "cityscapes":
-        from castseg.eval.cityscapes_eval import evaluate_cityscapes, format_cityscapes
+    from castseg.api.data import evaluate
 
-        if args.gt_folder is None:
-            raise InputError(None, "--protocol cityscapes needs --gt-folder (the gtFine folder)")
-        if args.iou_type not in (None, "segm"):
-            raise InputError(None, "--protocol cityscapes evaluates masks only; drop --iou-type bbox")
-        stats = evaluate_cityscapes(args.gt_folder, args.gt, args.pred)
-        if args.json:
-            print(json.dumps(stats))
-        else:
-            print(f"Cityscapes instance AP of {args.pred} on {args.gt} (gtFine: {args.gt_folder})")
-            print(format_cityscapes(stats))
-        return 0
-
-    from castseg.eval.coco_eval import evaluate_coco, format_stats
-
-    if args.gt_folder is not None:
-        raise InputError(None, "--gt-folder is for --protocol cityscapes")
     iou_type = args.iou_type or "segm"
-    stats = evaluate_coco(args.gt, args.pred, iou_type, images_root=args.images_root, max_dets=args.max_dets)
+    stats = evaluate(args.pred, args.gt, protocol=args.protocol, iou_type=iou_type, max_dets=args.max_dets,
+                     gt_folder=args.gt_folder, images_root=args.images_root)
     if args.json:
         print(json.dumps(stats))
+    elif args.protocol == "cityscapes":
+        from castseg.eval.cityscapes_eval import format_cityscapes
+
+        print(f"Cityscapes instance AP of {args.pred} on {args.gt} (gtFine: {args.gt_folder})")
+        print(format_cityscapes(stats))
     else:
+        from castseg.eval.coco_eval import format_stats
+
         print(f"COCO {iou_type} evaluation of {args.pred} on {args.gt}")
         print(format_stats(stats, args.max_dets))
     return 0

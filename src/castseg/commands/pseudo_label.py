@@ -4,16 +4,13 @@ Writes ``OUT`` (COCO results: RLE masks, scores, category ids) and ``OUT.manifes
 thresholds are applied when the cache is read, so it is made once per teacher. Resumable (rerun
 the same command after a kill) and sharded under ``torchrun --nproc_per_node N -m castseg.cli
 pseudo-label ...``. With ``--predictions`` instead of ``--teacher`` it writes the same cache
-from another model's COCO results (or a COCO json's annotations, score 1). See
-:mod:`castseg.pseudo_labels`.
+from another model's COCO results (or a COCO json's annotations, score 1). A thin wrapper over
+:func:`castseg.api.data.pseudo_label`; see :mod:`castseg.pseudo_labels`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,30 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from castseg.api.data import pseudo_label
 
-    from castseg.errors import InputError
-    from castseg.pseudo_labels import dist_info, generate_pseudo_labels, import_pseudo_labels, load_teacher
-
-    if not Path(args.images).exists():  # before loading a possibly large teacher
-        raise InputError(args.images, "not found (expected a COCO json or a folder of images)")
-    if args.predictions:
-        manifest = import_pseudo_labels(args.predictions, args.images, args.out, images_root=args.images_root,
-                                        class_names=args.class_names, min_score=args.min_score,
-                                        overwrite=args.overwrite)
-        logger.info(f"imported {manifest['num_instances']} instances with score >= {manifest['min_score']} on "
-                    f"{manifest['num_images']} images -> {args.out}")
-        return 0
-
-    # Initialise the process group first: under torchrun each rank picks its own GPU.
-    rank, world = dist_info()
-    teacher, info = load_teacher(args.teacher, device=args.device)  # resolved per rank (cuda:LOCAL_RANK)
-    manifest = generate_pseudo_labels(
-        teacher, args.images, args.out, teacher_info=info, images_root=args.images_root,
-        class_names=args.class_names, batch_size=args.batch_size, min_score=args.min_score,
-        chunk_size=args.chunk_size, max_size=args.max_size, overwrite=args.overwrite,
-        progress=not args.no_progress, num_workers=args.workers)
-    if rank == 0:
-        logger.info(f"pseudo-labelled {manifest['num_images']} images: {manifest['num_instances']} instances with "
-                    f"score >= {manifest['min_score']} -> {args.out}" + (f" ({world} processes)" if world > 1 else ""))
+    pseudo_label(args.teacher, images=args.images, out=args.out, predictions=args.predictions,
+                 images_root=args.images_root, class_names=args.class_names, batch_size=args.batch_size,
+                 device=args.device, min_score=args.min_score, chunk_size=args.chunk_size, max_size=args.max_size,
+                 workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     return 0

@@ -1,17 +1,12 @@
 """``castseg split``: labeled / unlabeled (/ val) splits of a COCO instances file.
 
-See :mod:`castseg.data.split` for how splits stay reproducible and nested.
+A thin wrapper over :func:`castseg.api.data.split`; see :mod:`castseg.data.split` for how splits
+stay reproducible and nested.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-
-from castseg.data.coco_io import load_coco
-from castseg.data.split import make_split, match_labeled_ids, read_id_list, stale_outputs, write_split
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,18 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    coco = load_coco(args.ann, images_root=args.images_root)
-    ids = None
-    if args.labeled_ids is not None:
-        ids = match_labeled_ids(coco, read_id_list(args.labeled_ids), args.labeled_ids)
-    split = make_split(coco, seed=args.seed, labeled_fraction=args.labeled_fraction,
-                       val_fraction=args.val_fraction, labeled_ids=ids)
-    written = write_split(coco, split, args.out_dir, args.seed, args.labeled_fraction,
-                          args.val_fraction, args.labeled_ids)
-    n_pool = len(split.labeled) + len(split.unlabeled)
-    logger.info(f"split {args.ann}: {len(coco.images)} images -> labeled {len(split.labeled)} "
-                f"({100.0 * len(split.labeled) / n_pool:.1f}% of {n_pool}), unlabeled {len(split.unlabeled)}, "
-                f"val {len(split.val)}; wrote {', '.join(str(p) for p in written.values())}")
-    for path in stale_outputs(args.out_dir, split, coco):
-        logger.warning(f"{path} is from an earlier run; this split has no such part (see split.json)")
+    from castseg.api.data import split
+
+    split(args.ann, out_dir=args.out_dir, labeled_fraction=args.labeled_fraction, labeled_ids=args.labeled_ids,
+          seed=args.seed, val_fraction=args.val_fraction, images_root=args.images_root)
     return 0

@@ -1,4 +1,5 @@
-"""``castseg convert``: CLI behaviour, the mask-folders format, and the DSB2018 conversion.
+"""``castseg convert`` / :func:`castseg.api.data.convert`: CLI behaviour, the mask-folders format,
+and the DSB2018 conversion.
 
 Other formats: tests/data/convert/test_{coco,yolo_seg,cityscapes,ade20k}.py.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from _convert_helpers import assert_user_error, load, run_cli, save_png, tree_hashes, truncate
 
+from castseg.api import data as api
 from castseg.data import masks as M
 from castseg.data.coco_io import load_coco
 from castseg.data.convert import convert
@@ -40,10 +42,9 @@ def test_mask_folders_converts_tiny_dataset(tiny_mask_folders: Path, tmp_path: P
     assert tree_hashes(tiny_mask_folders) == before
 
 
-def test_mask_folders_output_is_deterministic(tiny_mask_folders: Path, tmp_path: Path, capsys):
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert run_cli(capsys, "convert", "mask-folders", tiny_mask_folders, "--out", a)[0] == 0
-    assert run_cli(capsys, "convert", "mask-folders", tiny_mask_folders, "--out", b, "--workers", "1")[0] == 0
+def test_mask_folders_output_is_deterministic(tiny_mask_folders: Path, tmp_path: Path):
+    a = api.convert("mask-folders", tiny_mask_folders, out=tmp_path / "a.json")
+    b = api.convert("mask-folders", tiny_mask_folders, out=tmp_path / "b.json", workers=1)
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -148,16 +149,14 @@ def test_missing_src_and_misplaced_options(tmp_path: Path, capsys):
 
 # ---- --out handling ---------------------------------------------------------------------------
 
-def test_out_inside_src_allowed_and_rerunnable(tiny_mask_folders: Path, capsys):
-    out = tiny_mask_folders / "annotations.json"
-    assert run_cli(capsys, "convert", "mask-folders", tiny_mask_folders, "--out", out)[0] == 0
+def test_out_inside_src_allowed_and_rerunnable(tiny_mask_folders: Path):
+    out = api.convert("mask-folders", tiny_mask_folders, out=tiny_mask_folders / "annotations.json")
     data = load(out)
     assert "images_root" not in data  # the json sits in the dataset root: the COCO default
     assert load_coco(out).image_path(data["images"][0]).is_file()
     # Our own earlier output may be replaced; the conversion ignores it as an input.
     before = tree_hashes(tiny_mask_folders)
-    rc, _, err = run_cli(capsys, "convert", "mask-folders", tiny_mask_folders, "--out", out)
-    assert rc == 0, err
+    assert api.convert("mask-folders", tiny_mask_folders, out=out) == out
     assert tree_hashes(tiny_mask_folders) == before
 
 
