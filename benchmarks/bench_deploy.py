@@ -26,6 +26,10 @@ from castseg.models.tiny_teacher import save_tiny_tokenizer
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)

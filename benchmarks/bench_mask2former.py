@@ -87,6 +87,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="square input side in pixels")
     ap.add_argument("--batch", type=int, default=2)

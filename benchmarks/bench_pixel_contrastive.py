@@ -162,6 +162,10 @@ def bench_step(model, sampler: str, repeats: int) -> dict:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed loss calls per setting (median)")
     ap.add_argument("--step-repeats", type=int, default=1, help="timed student steps per setting (slow on CPU)")

@@ -29,6 +29,10 @@ def median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from castseg.commands.demo import embedded_default
+from castseg.demo import embedded_default
 from castseg.data.dataset import CocoInstanceDataset, collate_instances
 from castseg.data.transforms import WeakView
 from castseg.models import StudentConfig, build_student, param_groups
@@ -67,6 +67,10 @@ def make_step(opts: dict[str, Any], labeled: dict, unlabeled: dict):
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3)

@@ -18,6 +18,10 @@ VIEWS = {"none": [], "h": ["h"], "h+v": ["h", "v"], "h+v+hv": ["h", "v", "hv"]}
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     from castseg.data.coco_io import load_coco
     from castseg.models.tta import with_tta
     from castseg.pseudo_labels import generate_pseudo_labels, load_teacher

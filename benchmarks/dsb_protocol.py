@@ -87,7 +87,7 @@ ABLATIONS = {
 
 
 def split_files(protocol: str, seed: int, fraction: float, out: Path, oracle: bool = False) -> dict[str, Path]:
-    from castseg.commands.demo import embedded_default
+    from castseg.demo import embedded_default
     from castseg.data.coco_io import load_coco, write_json
     from castseg.data.convert import convert
     from castseg.data.split import coco_subset, make_split, write_split
@@ -111,7 +111,7 @@ def split_files(protocol: str, seed: int, fraction: float, out: Path, oracle: bo
 
 
 def config(protocol: str, seed: int, fraction: float, extra: list[str], out: Path, oracle: bool = False):
-    from castseg.commands.demo import asset, standins
+    from castseg.demo import asset, standins
     from castseg.config import load_config, with_values
     from castseg.engine.distributed import resolve_device
 
@@ -194,7 +194,7 @@ def supervised_side(protocol: str, variant: str, seed: int, out: Path, extra: li
 
 def run_variant(protocol: str, variant: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     from castseg import stages
-    from castseg.commands.demo import classical_baseline
+    from castseg.demo import classical_baseline
     from castseg.config import save_resolved
     from castseg.data.coco_io import write_json
 
@@ -241,7 +241,7 @@ def efficiency(sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from castseg.bench import time_fn
-    from castseg.commands.demo import standins
+    from castseg.demo import standins
     from castseg.models import load_checkpoint
 
     teacher, _ = load_checkpoint(standins()[0])
@@ -360,6 +360,10 @@ def render(out: Path) -> str:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", choices=sorted(PROTOCOL_OVERRIDES), default="domain")
     ap.add_argument("--variants", nargs="*", default=[])

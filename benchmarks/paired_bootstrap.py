@@ -117,6 +117,10 @@ def bootstrap(rows: dict[str, Row], draws: int, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--protocol", default="domain")

@@ -23,6 +23,10 @@ from castseg.pseudo_labels.clean import Cleanup, clean_records
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gt", type=Path, required=True, help="the unlabeled images' own labels (unlabeled_gt.json)")
     ap.add_argument("--caches", type=Path, nargs="+", required=True, help="pseudo-label caches (COCO results)")

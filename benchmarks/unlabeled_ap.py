@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from castseg import stages
-from castseg.commands.demo import asset, standins
+from castseg.demo import asset, standins
 from castseg.config import load_config, with_values
 from castseg.data.coco_io import load_coco
 
@@ -39,6 +39,10 @@ def seen_by_standins(cfg) -> str:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished dsb_protocol.py run folder")
     args = ap.parse_args()

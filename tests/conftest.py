@@ -17,6 +17,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one worker per core, s
 
     torch.set_num_threads(1)
 
+# Tests read castseg's messages on stderr (capsys) also where they call library functions directly,
+# so they run with the CLI's handler, as the scripts in benchmarks/ and tools/ do. The library's own
+# default (a NullHandler only) is checked in a fresh interpreter: tests/test_console.py.
+from castseg import console  # noqa: E402
+
+console.install()
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CASTSEG_SHARED", ROOT.parent / "shared"))
 SHARED_DATA = SHARED / "data"
@@ -120,7 +127,7 @@ def tiny_run(tmp_path):
 
     import yaml
 
-    from castseg.commands.demo import embedded_default
+    from castseg.demo import embedded_default
     from castseg.data.coco_io import load_coco
     from castseg.data.split import make_split, write_split
     from castseg.models import StudentConfig, build_student, save_checkpoint

@@ -19,7 +19,7 @@ def test_unknown_option_is_an_error(capsys):
 # ---------------------------------------------------------------- messages: logging, --quiet, --verbose, progress
 
 def _split(out, fraction, *flags):
-    from castseg.commands.demo import embedded_default
+    from castseg.demo import embedded_default
 
     return cli.main([*flags, "split", str(embedded_default()), "--out-dir", str(out), "--labeled-fraction", fraction])
 
@@ -32,7 +32,7 @@ def test_quiet_run_prints_only_warnings(tmp_path, capsys):
     assert _split(out, "0.5", "--quiet") == 0
     assert capsys.readouterr() == ("", "")
     # all labeled: the earlier unlabeled files are stale, which is a warning; -q may follow the verb too
-    from castseg.commands.demo import embedded_default
+    from castseg.demo import embedded_default
 
     assert cli.main(["split", str(embedded_default()), "--out-dir", str(out), "--labeled-fraction", "1.0", "-q"]) == 0
     err = capsys.readouterr().err.splitlines()

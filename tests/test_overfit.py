@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from castseg import cli
-from castseg.commands.demo import embedded_default
+from castseg.demo import embedded_default
 from castseg.data.dataset import CocoInstanceDataset, collate_instances
 from castseg.eval.results import write_results
 from castseg.losses import HungarianMatcher, SetLoss

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from castseg.commands.demo import results_table
+from castseg.demo import results_table
 from castseg.data import masks as M
 from castseg.errors import InputError
 from castseg.report import write_report

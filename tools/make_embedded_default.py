@@ -34,6 +34,10 @@ def is_colour(png: Path) -> bool:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage1_train", type=Path)
     args = ap.parse_args()

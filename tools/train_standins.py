@@ -190,6 +190,10 @@ def export(which: str, result: dict, out: Path) -> dict:
 
 
 def main() -> None:
+    from castseg.console import install
+
+    install()  # castseg's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dsb", type=Path, help="DSB2018 stage1_train folder (one folder per image)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-# Messages go through the `castseg` logger, shown on stderr by default (see castseg.console).
-from castseg import console as _console  # noqa: E402
+# Messages go through the `castseg` logger. As a library castseg only adds a NullHandler: the
+# program decides where they go. The `castseg` CLI (and a script calling castseg.console.install())
+# shows them on stderr (see castseg.console).
+import logging as _logging  # noqa: E402
 
-_console.install()
+_logging.getLogger("castseg").addHandler(_logging.NullHandler())

@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    level = console.set_verbosity(quiet=args.quiet, verbose=args.verbose)
+    root = logging.getLogger(console.ROOT)
+    level = root.level
+    # the library alone logs nowhere (a NullHandler); the command shows its messages on stderr
+    installed = console.install()
+    console.set_verbosity(quiet=args.quiet, verbose=args.verbose)
     logger.debug(f"castseg {__version__}: {args.command} {({k: v for k, v in vars(args).items() if k != 'func'})}")
     succeeded = False
     try:
@@ -83,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         _leave_process_group(synchronize=succeeded)
-        logging.getLogger(console.ROOT).setLevel(level)  # in-process callers (tests) keep their level
+        # in-process callers (tests, notebooks) keep their logging set-up: level, handlers, propagation
+        root.setLevel(level)
+        if installed:
+            console.uninstall()
 
 
 def _leave_process_group(synchronize: bool) -> None:

@@ -4,14 +4,15 @@ Every module logs to ``logger = logging.getLogger(__name__)``, a child of the ``
 logger. Results a command was asked for (a JSON with ``--json``, a metrics table, ``castseg
 info``'s table) are printed to stdout instead, so they can be piped.
 
-The ``castseg`` logger gets one handler when castseg is imported (:func:`install`): plain
-``%(message)s`` lines (``warning: ...`` for warnings and above) on the *current* ``sys.stderr``,
-written through tqdm so that a line never tears a live progress bar. Its level is INFO; the CLI's
-``--quiet`` / ``--verbose`` make it WARNING / DEBUG (:func:`set_verbosity`). A program with its
-own logging set-up can take castseg's records instead::
-
-    logging.getLogger("castseg").removeHandler(castseg.console.HANDLER)
-    logging.getLogger("castseg").propagate = True
+As a library, castseg adds only a :class:`logging.NullHandler` to the ``castseg`` logger (in
+``castseg/__init__.py``): its records propagate to the program's own logging set-up, and with none
+nothing is shown, warnings included (the NullHandler keeps Python's last-resort handler quiet).
+The ``castseg`` CLI, and a script that wants the CLI's output, calls :func:`install`, which
+attaches one handler: plain ``%(message)s`` lines (``warning: ...`` for warnings and above) on the
+*current* ``sys.stderr``, written through tqdm so that a line never tears a live progress bar, at
+level INFO, and stops propagation (or a root handler would print every record twice). The CLI's
+``--quiet`` / ``--verbose`` make the level WARNING / DEBUG (:func:`set_verbosity`);
+:func:`uninstall` undoes :func:`install`.
 
 Progress: a tqdm bar only when stderr is a terminal (and the level shows INFO, and
 ``CASTSEG_NO_PROGRESS`` is unset); elsewhere (logs, CI, pipes) :class:`Progress` writes one plain
@@ -66,14 +67,25 @@ HANDLER = _StderrHandler()
 HANDLER.setFormatter(_Formatter())
 
 
-def install() -> None:
-    """Attach :data:`HANDLER` to the ``castseg`` logger (once) at level INFO."""
+def install() -> bool:
+    """Show castseg's messages on stderr as the CLI does: attach :data:`HANDLER` to the ``castseg``
+    logger (once), at level INFO unless a level was set. True when it attached it, False when it
+    was there already. Scripts (benchmarks/, tools/) call it at their entry point."""
     root = logging.getLogger(ROOT)
-    if HANDLER not in root.handlers:
-        root.addHandler(HANDLER)
-        root.propagate = False  # or every record would print twice where the root logger has a handler
-        if root.level == logging.NOTSET:
-            root.setLevel(logging.INFO)
+    if HANDLER in root.handlers:
+        return False
+    root.addHandler(HANDLER)
+    root.propagate = False  # or every record would print twice where the root logger has a handler
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return True
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: no :data:`HANDLER`, records propagate again (the level is the caller's)."""
+    root = logging.getLogger(ROOT)
+    root.removeHandler(HANDLER)
+    root.propagate = True
 
 
 def set_verbosity(quiet: bool = False, verbose: bool = False) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from castseg import cli
-from castseg.commands.demo import embedded_default, results_table, standins
+from castseg.demo import embedded_default, results_table, standins
 from castseg.data.coco_io import load_coco
 from castseg.models import load_checkpoint
 
@@ -237,3 +237,30 @@ def test_demo_pretrained_fails_fast_offline(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreachable" in err[0] and "IDEA-Research/grounding-dino-base" in err[0]
     assert not (tmp_path / "d" / "splits").exists()  # failed before any work
+
+
+def test_run_demo_is_the_library_side_and_returns_what_the_cli_prints(tmp_path, monkeypatch):
+    """castseg.demo.run_demo without the CLI: split, config, stages (stubbed here: the quick demo
+    above runs them), classical row; it returns the metrics and the table, and prints nothing."""
+    from castseg import demo, stages
+
+    seen = {}
+
+    def run_all(cfg, run_dir, resume):
+        seen.update(cfg=cfg, run_dir=run_dir, resume=resume)
+        return {"student_refined": {"AP": 0.25, "AP50": 0.5, "checkpoint": "ckpt"}}
+
+    monkeypatch.setattr(stages, "run_all", run_all)
+    monkeypatch.setattr(demo, "classical_baseline", lambda val, max_dets: {"AP": 0.07, "AP50": 0.18})
+    with pytest.raises(TypeError):
+        demo.run_demo(tmp_path)  # keyword-only
+    result = demo.run_demo(out=tmp_path / "d", quick=True, overrides="distill.train.max_steps=3", seed=1)
+    assert seen["run_dir"] == tmp_path / "d" and seen["resume"] == "auto"
+    cfg = result["config"]
+    assert cfg.distill.train.max_steps == 3 and cfg.train.seed == 1 and cfg.teacher.type == "checkpoint"
+    assert cfg.data.val == str((tmp_path / "d" / "splits" / "val_quick.json").resolve())
+    assert result["val_images"] == 4 and result["checkpoint"] == "ckpt" and result["out"] == tmp_path / "d"
+    assert result["metrics"] == json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert result["metrics"]["classical_baseline"] == {"AP": 0.07, "AP50": 0.18}
+    assert result["table"] == results_table(result["metrics"]) and "25.00" in result["table"]
+    assert (tmp_path / "d" / "config.yaml").is_file() and result["report"] == tmp_path / "d" / "report.html"

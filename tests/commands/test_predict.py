@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from castseg import cli
-from castseg.commands.demo import embedded_default
+from castseg.demo import embedded_default
 from castseg.data.coco_io import load_coco
 from castseg.models import build_student, save_checkpoint
 

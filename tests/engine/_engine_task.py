@@ -96,6 +96,10 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from castseg.console import install
+
+    install()  # the trainer's messages on stderr, as the CLI shows them (the library alone has a NullHandler)
+
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("max_steps", type=int)

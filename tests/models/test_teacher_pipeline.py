@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from castseg import cli
-from castseg.commands.demo import embedded_default
+from castseg.demo import embedded_default
 from castseg.data.dataset import CocoInstanceDataset
 from castseg.eval.results import load_results, write_results
 from castseg.models.inference import to_coco_results

@@ -57,7 +57,7 @@ def relabeled_split(out: Path, class_names: Sequence[str], category_ids: Sequenc
     """tests/conftest.py's 9-image split of the embedded default, its one ``nucleus`` category
     replaced by ``class_names`` (annotation k gets class k mod C), so a config's ``num_classes``
     and teacher ``class_names`` stay as shipped. Returns castseg split's files."""
-    from castseg.commands.demo import embedded_default
+    from castseg.demo import embedded_default
     from castseg.data.coco_io import load_coco
     from castseg.data.split import make_split, write_split
 

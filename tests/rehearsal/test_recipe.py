@@ -134,11 +134,11 @@ def test_custom_example_runs_every_stage_with_a_checkpoint_teacher(hub_env, cust
         assert (run / stage / "checkpoints" / "last").is_dir(), stage
 
 
-# --- d. `castseg demo --pretrained --quick`: the hub ids of commands/demo.py ---------------------
+# --- d. `castseg demo --pretrained --quick`: the hub ids of castseg/demo.py ----------------------
 
 
 def test_demo_pretrained_quick_runs_on_the_hub_models(hub_env, tmp_path):
-    from castseg.commands.demo import PRETRAINED_STUDENT, PRETRAINED_TEACHER
+    from castseg.demo import PRETRAINED_STUDENT, PRETRAINED_TEACHER
     from castseg.model_rows import MODEL_ROWS
 
     work = tmp_path / "work"

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from castseg.errors import InputError
+from castseg.errors import InputError, describe_error
 from castseg.models.decoder import MaskedAttentionDecoder
 from castseg.models.efficientnet_lite import LITE_MEAN, LITE_STD
 from castseg.models.encoder import build_encoder
@@ -138,8 +138,6 @@ class StudentConfig(BaseModel):
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "StudentConfig":
         """Preset (if any) first, then the other keys; unknown keys are an error naming ``source``."""
-        from castseg.config_sections import describe_error
-
         try:
             return cls.model_validate(d)
         except ValidationError as e:
