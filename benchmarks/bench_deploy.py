@@ -47,12 +47,11 @@ def main() -> None:
         n_student = count_parameters(student)
         rows["student (small) / torch"] = bench_predictor_forward(lambda t: student(t), x, args.repeats)
         from castseg.export import export_onnx
-        from castseg.predictor import OnnxPredictor
+        from castseg.models.onnx_network import OnnxNetwork
 
-        save_checkpoint(Path(tmp) / "ckpt", student, student.config.to_dict(), ["nucleus"], step=0)
-        export_onnx(Path(tmp) / "ckpt", Path(tmp) / "s.onnx", s, s)
-        onnx_pred = OnnxPredictor(Path(tmp) / "s.onnx", ["nucleus"], threads=torch.get_num_threads())
-        rows["student (small) / onnxruntime"] = bench_predictor_forward(onnx_pred.raw, x, args.repeats)
+        export_onnx(student, ["nucleus"], Path(tmp) / "s.onnx", s, s)
+        onnx_net = OnnxNetwork(Path(tmp) / "s.onnx", threads=torch.get_num_threads())
+        rows["student (small) / onnxruntime"] = bench_predictor_forward(onnx_net, x, args.repeats)
         del student
 
         cfgs = paper_teacher_configs()

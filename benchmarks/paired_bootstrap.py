@@ -35,7 +35,7 @@ from castseg.errors import CastsegError
 from castseg.eval.coco_eval import evaluate_coco, load_gt
 from castseg.evaluate import evaluate_model
 from castseg.pseudo_labels import load_teacher
-from castseg.trainable import val_kwargs
+from castseg.trainable import trainable_for, val_kwargs
 
 Row = tuple[Path, str]  # (run folder, metrics.json key of the student's row)
 
@@ -65,7 +65,7 @@ def predictions(row: Row, cfg: RunConfig, metrics: dict) -> list[dict]:
     if not path.is_file():
         path.parent.mkdir(exist_ok=True)
         teacher, _ = load_teacher(metrics["checkpoint"], fingerprint=False)
-        evaluate_model(teacher.trainable().module(), cfg.data.val, results_path=path, **val_kwargs(cfg))
+        evaluate_model(trainable_for(teacher).module(), cfg.data.val, results_path=path, **val_kwargs(cfg))
     return json.loads(path.read_text())
 
 

@@ -25,16 +25,16 @@ def checkpoint(tmp_path_factory):
 
 
 def test_export_matches_torch_and_predicts_the_same(checkpoint, tmp_path, capsys):
-    from castseg.predictor import load_predictor
+    import castseg
 
     onnx_path = tmp_path / "m.onnx"
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(onnx_path),
                      "--height", "96", "--width", "128"]) == 0
     assert "identical top-k True" in capsys.readouterr().err  # logged on stderr
-    torch_pred, onnx_pred = load_predictor(checkpoint), load_predictor(onnx_path, onnx=True)
-    assert onnx_pred.class_names == ["nucleus"]
+    torch_pred, onnx_pred = castseg.load(checkpoint, device="cpu"), castseg.load(onnx_path)
+    assert onnx_pred.class_names == ["nucleus"] and onnx_pred.kind == "onnx"
     x = torch.rand(2, 3, 100, 140)  # another size than traced: dynamic H, W and batch
-    (lt, mt), (lo, mo) = torch_pred.raw(x), onnx_pred.raw(x)
+    mt, mo = torch_pred.network.model(x)["pred_masks"], onnx_pred.network.model(x)["pred_masks"]
     assert (mt.sigmoid() - mo.sigmoid()).abs().max() < 1e-3
     a, b = torch_pred(x), onnx_pred(x)
     for ra, rb in zip(a, b):
@@ -48,7 +48,9 @@ def test_export_refuses_when_parity_fails(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "parity", lambda *a, **k: {"max_abs_mask_prob": 0.5, "max_abs_class_prob": 0.0,
                                                             "same_topk": True})
     with pytest.raises(CastsegError, match="export refused"):
-        export.export_onnx(checkpoint, tmp_path / "m.onnx", 64, 64)
+        from castseg.models import load_checkpoint
+
+        export.export_onnx(load_checkpoint(checkpoint)[0], ["nucleus"], tmp_path / "m.onnx", 64, 64)
     assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob(".m.onnx*"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -13,9 +14,16 @@ from castseg.engine.checkpointing import weights_sha256
 from castseg.models import load_checkpoint
 
 
-def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys):
-    runs = tiny_run / "runs"
-    assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]) == 0
+def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys, monkeypatch):
+    """`castseg.run` (its docstring example, run as a doctest) then `castseg run` again."""
+    import doctest
+
+    import castseg.api.pipeline
+
+    runs = Path("runs")  # as the example gives it: relative to the working directory, tiny_run
+    monkeypatch.chdir(tiny_run)
+    outcome = doctest.testmod(castseg.api.pipeline, optionflags=doctest.ELLIPSIS)
+    assert outcome.attempted >= 4 and outcome.failed == 0
     run_dir = runs / "tiny"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # 3 steps from random weights: no mask reaches IoU 0.5 on the 2 val images, every row is 0 (the
@@ -59,9 +67,11 @@ def run_with_teacher(tiny_run, name: str, teacher: dict) -> tuple:
     cfg["teacher"] = teacher
     cfg["adapt"] = {"train": {"max_steps": 2}}
     (tiny_run / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    runs = tiny_run / "runs"
-    assert cli.main(["run", str(tiny_run / f"{name}.yaml"), "--runs", str(runs)]) == 0
-    return runs / name, json.loads((runs / name / "metrics.json").read_text())
+    import castseg
+
+    result = castseg.run(tiny_run / f"{name}.yaml", runs=tiny_run / "runs")
+    assert result.metrics == json.loads((result.run_dir / "metrics.json").read_text())
+    return result.run_dir, result.metrics
 
 
 def test_run_with_an_ensemble_of_two_teachers(tiny_run):
@@ -166,8 +176,8 @@ def test_run_unlabeled_gt_errors_are_one_line_before_training(tiny_run, capsys):
     base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]
     assert cli.main([*base, "--unlabeled-gt", str(tiny_run / "nope.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"castseg run: error: {tiny_run / 'nope.json'}: --unlabeled-gt: no such file (expected the "
-                   "unlabeled images' own annotations, e.g. castseg split's unlabeled_gt.json)"]
+    assert err == [f"castseg run: error: {tiny_run / 'nope.json'}: unlabeled_gt (--unlabeled-gt): no such file "
+                   "(expected the unlabeled images' own annotations, e.g. castseg split's unlabeled_gt.json)"]
     # the val set's annotations are not the unlabeled images'
     assert cli.main([*base, "--unlabeled-gt", str(tiny_run / "splits" / "val.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,6 +11,7 @@ from castseg.engine.optim import build_optimizer
 from castseg.errors import CastsegError
 from castseg.models.grounded_sam import GroundedSAMTeacher
 from castseg.models.tiny_teacher import TINY_DETECTOR, TINY_SEGMENTER, save_tiny_tokenizer
+from castseg.trainable import trainable_for
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_stage_1c_makes_one_forward_per_step(teacher, unlabeled_masks):
     calls = []
     hook = teacher.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     try:
-        loss_fn = teacher.trainable().loss_fn(["nucleus"], LossConfig(), 1.0, 0.0)
+        loss_fn = trainable_for(teacher).loss_fn(["nucleus"], LossConfig(), 1.0, 0.0)
         out = loss_fn(teacher, {"labeled": batch(2, True), "unlabeled": batch(2, unlabeled_masks)}, 0)
     finally:
         hook.remove()
@@ -53,13 +54,13 @@ def test_stage_1c_makes_one_forward_per_step(teacher, unlabeled_masks):
     calls.clear()
     hook = teacher.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     try:
-        teacher.trainable().loss_fn(["nucleus"], LossConfig(), 0.0, 0.0)(
+        trainable_for(teacher).loss_fn(["nucleus"], LossConfig(), 0.0, 0.0)(
             teacher, {"labeled": batch(2, True), "unlabeled": batch(2, True)}, 0)
     finally:
         hook.remove()
     assert calls == [2]
     with pytest.raises(CastsegError, match="λ_semi must be 0 or 1"):
-        teacher.trainable().loss_fn(["nucleus"], LossConfig(), 0.5, 0.0)
+        trainable_for(teacher).loss_fn(["nucleus"], LossConfig(), 0.5, 0.0)
 
 
 def test_the_teachers_pretrained_parts_adapt_at_the_backbone_rate(teacher):

@@ -233,6 +233,17 @@ class CheckpointTeacherSpec(Section):
     postprocess_kwargs: dict[str, Any] = {}  # castseg.models.inference.postprocess_instances options
 
 
+class OnnxTeacherSpec(Section):
+    """An exported student (``castseg export``), run by onnxruntime: predicts, cannot adapt."""
+
+    type: Literal["onnx"] = "onnx"
+    path: str
+    device: str = "cpu"                      # cuda*: onnxruntime's CUDA provider where installed
+    threads: int | None = None               # onnxruntime intra-op threads (None: its default)
+    class_names: list[str] | None = None     # default: the file's metadata
+    postprocess_kwargs: dict[str, Any] = {}  # castseg.models.inference.postprocess_instances options
+
+
 class GroundedSamTeacherSpec(Section):
     """The paper's Grounding DINO + SAM2 (hub ids or local folders), or ``path``: a teacher
     saved with ``save_pretrained`` (the other keys then override its stored options)."""
@@ -289,7 +300,7 @@ class TTATeacherSpec(Section):
     class_names: list[str] | None = None
 
 
-TeacherSpec = Annotated[Union[CheckpointTeacherSpec, GroundedSamTeacherSpec, EnsembleTeacherSpec, TTATeacherSpec],
+TeacherSpec = Annotated[Union[CheckpointTeacherSpec, OnnxTeacherSpec, GroundedSamTeacherSpec, EnsembleTeacherSpec, TTATeacherSpec],
                         Field(discriminator="type")]
 EnsembleTeacherSpec.model_rebuild()
 TTATeacherSpec.model_rebuild()

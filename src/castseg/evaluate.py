@@ -22,7 +22,7 @@ from castseg.data.dataset import UnlabeledImageDataset
 from castseg.data.transforms import Resize
 from castseg.eval.coco_eval import evaluate_coco, load_gt
 from castseg.eval.results import write_results
-from castseg.models.inference import postprocess_instances, resize_masks, to_coco_results
+from castseg.models.inference import outputs_to_instances, resize_masks, to_coco_results
 
 
 class _EvalCollate:
@@ -71,18 +71,15 @@ def network_instances(model: nn.Module, topk: int = 100, mask_threshold: float =
         dev = next(model.parameters()).device
         with _autocast(amp, dev):
             out = model(images.to(dev, non_blocking=True))
-        stride = int(out.get("mask_stride", 4))
-        return [postprocess_instances(out["pred_logits"][b: b + 1].float(), out["pred_masks"][b: b + 1].float(),
-                                      [sizes[b]], [orig_sizes[b]], topk=topk, mask_threshold=mask_threshold,
-                                      score_threshold=score_threshold, chunk_size=chunk_size, mask_stride=stride)[0]
-                for b in range(len(sizes))]
+        return outputs_to_instances(out, sizes, orig_sizes, topk=topk, mask_threshold=mask_threshold,
+                                    score_threshold=score_threshold, chunk_size=chunk_size)
 
     return run
 
 
 def predictor_instances(predict: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]) -> InstancesFn:
     """Any ``predict(images [B,3,H,W]) -> instances at the input size`` (a teacher's
-    ``predict``, a :class:`~castseg.predictor.Predictor`, a classical method) as an
+    ``predict``, a loaded :class:`~castseg.predictor.Model`, a classical method) as an
     :data:`InstancesFn`: masks cropped to each image and resized to its original size."""
     def run(images, sizes, orig_sizes):
         out = []

@@ -33,11 +33,12 @@ class _Heads(torch.nn.Module):
 def parity(model: torch.nn.Module, onnx_path: Path, sample: torch.Tensor, topk: int = 100) -> dict[str, float]:
     """Max |Δ| of mask probabilities and of class probabilities between torch and onnxruntime
     on ``sample``, and whether the top-k instances (query, class) are identical."""
-    from castseg.predictor import OnnxPredictor
+    from castseg.models.onnx_network import OnnxNetwork
 
     with torch.no_grad():
         ref_logits, ref_masks = _Heads(model)(sample)
-    ort_logits, ort_masks = OnnxPredictor(onnx_path, ["x"]).raw(sample)
+    out = OnnxNetwork(onnx_path)(sample)
+    ort_logits, ort_masks = out["pred_logits"], out["pred_masks"]
     dm = float((ort_masks.sigmoid() - ref_masks.sigmoid()).abs().max())
     dc = float((ort_logits.softmax(-1) - ref_logits.softmax(-1)).abs().max())
     k = min(topk, ref_logits[..., :-1].numel() // len(ref_logits))
@@ -47,19 +48,19 @@ def parity(model: torch.nn.Module, onnx_path: Path, sample: torch.Tensor, topk: 
     return {"max_abs_mask_prob": dm, "max_abs_class_prob": dc, "same_topk": bool(same)}
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, height: int = 512, width: int = 512,
-                dynamic_size: bool = True, opset: int = 17, tolerance: float = 1e-3,
-                sample: torch.Tensor | None = None) -> dict[str, object]:
-    """Export ``checkpoint`` to ``out`` and check parity; the file is only moved into place
-    when parity holds (max |Δ| mask probability < ``tolerance`` and identical top-k)."""
-    import onnx
+def export_onnx(model: torch.nn.Module, class_names: list[str], out: str | Path, height: int = 512,
+                width: int = 512, dynamic_size: bool = True, opset: int = 17, tolerance: float = 1e-3,
+                sample: torch.Tensor | None = None, source: str = "") -> dict[str, object]:
+    """Export a student network (``castseg.load(...).export`` hands it over) to ``out`` and check
+    parity; the file is only moved into place when parity holds (max |Δ| mask probability <
+    ``tolerance`` and identical top-k). ``source`` (the checkpoint) goes into the metadata."""
+    import copy
 
-    from castseg.models.checkpoint import load_checkpoint
+    import onnx
 
     if opset < 17:
         raise CastsegError(f"opset {opset} is too old; castseg exports with opset >= 17")
-    model, meta = load_checkpoint(checkpoint)
-    model.eval()
+    model = copy.deepcopy(model).float().cpu().eval()
     out = Path(out)
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
@@ -73,7 +74,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, height: int = 512, widt
                               dynamic_axes={"images": axes, "pred_logits": {0: "batch"},
                                             "pred_masks": {0: "batch", 2: "mask_h", 3: "mask_w"}})
         proto = onnx.load(str(tmp))
-        for key, value in (("class_names", json.dumps(meta["class_names"])), ("castseg_checkpoint", str(checkpoint)),
+        for key, value in (("class_names", json.dumps(list(class_names))), ("castseg_checkpoint", source),
                            ("input", "images [B,3,H,W] float RGB in [0,1]")):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value

@@ -1,163 +1,87 @@
-"""Predictors: one interface over a castseg checkpoint, a teacher folder, or an ONNX file.
+"""``castseg.load(path)`` (here, re-exported by :mod:`castseg.api`): any trained model (a student checkpoint, a teacher folder of any kind,
+an ONNX file) as one :class:`Model` that predicts on images as users hold them.
 
-``load_predictor(path)`` returns a :class:`Predictor` whose ``__call__(images [B,3,H,W] float
-in [0,1]) -> list[{"masks" bool [K,H,W], "scores" [K], "labels" int64 [K]}]`` is what
-`castseg predict`, `castseg bench` and evaluation call, so every runtime goes through the same
-post-processing.
+The model behind it is a :class:`~castseg.models.teacher.Teacher` built by the one loader
+(:func:`castseg.models.loading.load_model`); :class:`Model` adds what a user needs around it:
+image inputs in any common form, a resize for speed whose masks come back at the input's size,
+a score threshold, ONNX export and a description.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import torch
 
-from castseg.errors import CastsegError
-from castseg.models.inference import postprocess_instances
+from castseg.errors import CastsegError, InputError
+
+logger = logging.getLogger(__name__)
+ImageInput = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821 - PIL is imported lazily
 
 
-class Predictor:
-    """Base: ``class_names``, ``kind`` and a batched ``__call__``."""
+@dataclasses.dataclass
+class Instances:
+    """One image's instances, sorted by descending score.
 
-    kind = "model"
+    Attributes:
+        masks: bool ``[K,H,W]`` at the input image's size.
+        scores: float32 ``[K]``.
+        labels: int64 ``[K]``, indices into ``class_names``.
+        class_names: the model's classes.
+        image: the file the image came from (None for an array or a PIL image).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
     class_names: list[str]
+    image: str | None = None
 
-    def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        raise NotImplementedError
+    def __len__(self) -> int:
+        return len(self.scores)
 
-    def num_parameters(self) -> int | None:
-        """Parameters of the model behind it (None where the runtime does not say)."""
-        return None
+    def to_coco(self, image_id: int = 1, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """COCO result records ``{"image_id", "category_id", "score", "segmentation" (RLE),
+        "bbox"}``; ``category_ids[label]`` (default ``label + 1``)."""
+        from castseg.eval.results import instances_to_results
 
-    def gflops(self, images: torch.Tensor) -> float | None:
-        """GFLOPs of the network's forward on ``images`` (None where it cannot be counted)."""
-        return None
-
-
-class StudentPredictor(Predictor):
-    """A student-architecture checkpoint (the student, or a `large`-preset teacher)."""
-
-    kind = "student"
-
-    def __init__(self, model: torch.nn.Module, class_names: list[str], topk: int = 100,
-                 mask_threshold: float = 0.5, score_threshold: float = 0.0, device: str = "cpu"):
-        self.model = model.to(device).eval()
-        self.class_names, self.device = class_names, device
-        self.post = dict(topk=topk, mask_threshold=mask_threshold, score_threshold=score_threshold)
-
-    def num_parameters(self) -> int | None:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def gflops(self, images: torch.Tensor) -> float | None:
-        from castseg.models.sizes import forward_flops
-
-        return forward_flops(lambda: self.model(images.to(self.device))) / 1e9
-
-    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pred_logits [B,Q,C+1]``, ``pred_masks [B,Q,Hp/4,Wp/4]`` of the final layer."""
-        with torch.no_grad():
-            out = self.model(images.to(self.device))
-        return out["pred_logits"], out["pred_masks"]
-
-    def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        logits, masks = self.raw(images)
-        sizes = [tuple(images.shape[-2:])] * len(images)
-        return postprocess_instances(logits, masks, sizes, sizes, **self.post)
+        ids = np.arange(1, len(self.class_names) + 1) if category_ids is None else np.asarray(category_ids)
+        return instances_to_results(image_id, torch.from_numpy(self.masks), torch.from_numpy(self.scores),
+                                    ids[self.labels].astype(np.int64))
 
 
-class OnnxPredictor(StudentPredictor):
-    """An exported student run by onnxruntime, with the same post-processing as torch."""
+def _as_rgb(image: Any, where: str) -> np.ndarray:
+    """A PIL image or an array ``[H,W]``, ``[H,W,1|3|4]`` (uint8, uint16, float, bool) → uint8 ``[H,W,3]``."""
+    from castseg.data.images import to_rgb_uint8
 
-    kind = "onnx"
-
-    def __init__(self, path: str | Path, class_names: list[str], topk: int = 100, mask_threshold: float = 0.5,
-                 score_threshold: float = 0.0, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else \
-            ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise CastsegError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
-        self.class_names, self.device = class_names, "cpu"
-        self.post = dict(topk=topk, mask_threshold=mask_threshold, score_threshold=score_threshold)
-
-    def num_parameters(self) -> int | None:
-        return None
-
-    def gflops(self, images: torch.Tensor) -> float | None:
-        return None
-
-    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, masks = self.session.run(["pred_logits", "pred_masks"], {"images": images.cpu().numpy()})
-        return torch.from_numpy(logits), torch.from_numpy(masks)
+    if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image, without importing PIL here
+        image = np.asarray(image.convert("RGB") if image.mode not in ("L", "I;16", "I", "F") else image)
+    if not isinstance(image, np.ndarray):
+        raise InputError(where, f"expected a path, a folder, a PIL image or a numpy array, got {type(image).__name__}")
+    return to_rgb_uint8(image, where)
 
 
-class TeacherPredictor(Predictor):
-    """Any :class:`castseg.models.teacher.Teacher` (zero-shot or adapted grounded-SAM, ensembles)."""
+def _read_all(images: ImageInput | Iterable[ImageInput]) -> Iterable[tuple[np.ndarray, str | None]]:
+    """``(uint8 [H,W,3], file name or None)`` per image of a path, a folder, a glob, a COCO json,
+    an image or a list of them, read one at a time."""
+    from castseg.data.dataset import list_image_inputs
+    from castseg.data.images import read_image
 
-    kind = "teacher"
-
-    def __init__(self, teacher: Any, class_names: list[str], score_threshold: float = 0.0, device: str = "cpu"):
-        self.teacher = teacher.to(device).eval()
-        self.class_names, self.device, self.score_threshold = class_names, device, score_threshold
-
-    def num_parameters(self) -> int | None:
-        return sum(p.numel() for p in self.teacher.parameters())
-
-    def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        out = self.teacher.predict(images.to(self.device), self.class_names)
-        if self.score_threshold > 0:
-            out = [{k: v[r["scores"] >= self.score_threshold] for k, v in r.items()} for r in out]
-        return out
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            for _, _, path in list_image_inputs(item)[0]:
+                yield read_image(path), str(path)
+        else:
+            yield _as_rgb(item, f"image {i}"), None
 
 
-def onnx_class_names(path: Path) -> list[str]:
-    """Class names stored in the ONNX file's metadata by `castseg export`."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise CastsegError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    return json.loads(meta.get("class_names", "[]")) or ["object"]
-
-
-def load_predictor(path: str | Path, onnx: bool = False, device: str = "auto", topk: int = 100,
-                   score_threshold: float = 0.0, threads: int | None = None) -> Predictor:
-    """A checkpoint folder/json (student), a teacher folder (``teacher.json`` / ``teacher.yaml``)
-    or, with ``onnx``, an exported ``.onnx`` file. ``device``: "auto" is this process's GPU
-    when there is one, else the CPU."""
-    from castseg.device import resolve_device
-
-    device = str(resolve_device(str(device)))
-    path = Path(path)
-    if not path.exists():
-        raise CastsegError(f"{path}: not found")
-    if onnx or path.suffix == ".onnx":
-        return OnnxPredictor(path, onnx_class_names(path), topk=topk, score_threshold=score_threshold,
-                             threads=threads)
-    if path.is_dir() and ((path / "teacher.json").is_file() or (path / "teacher.yaml").is_file()):
-        from castseg.pseudo_labels.teacher_spec import load_teacher
-
-        teacher, _ = load_teacher(path, device=device, fingerprint=False)
-        return TeacherPredictor(teacher, teacher.resolve_class_names(None), score_threshold, device)
-    from castseg.models.checkpoint import load_checkpoint
-
-    model, meta = load_checkpoint(path, device=device)
-    return StudentPredictor(model, list(meta["class_names"]), topk=topk, score_threshold=score_threshold, device=device)
-
-
-def resize_for_model(image: np.ndarray, max_size: int | None) -> torch.Tensor:
-    """``uint8 [H,W,3]`` → float ``[3,h,w]`` in [0,1], longest side ≤ ``max_size`` (aspect kept)."""
+def image_tensor(image: np.ndarray, max_size: int | None) -> torch.Tensor:
+    """uint8 ``[H,W,3]`` → float ``[3,h,w]`` in [0,1], longest side ≤ ``max_size`` (aspect kept)."""
     x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
     h, w = x.shape[-2:]
     if max_size and max(h, w) > max_size:
@@ -165,3 +89,158 @@ def resize_for_model(image: np.ndarray, max_size: int | None) -> torch.Tensor:
         x = torch.nn.functional.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))),
                                             mode="bilinear", align_corners=False, antialias=True)[0]
     return x
+
+
+class Model:
+    """A loaded model: ``predict`` on images, ``export`` to ONNX, ``info``.
+
+    ``kind`` is ``"student"`` (a castseg checkpoint), ``"onnx"`` or ``"teacher"`` (a teacher
+    folder or config). ``network`` is the underlying :class:`~castseg.models.teacher.Teacher`,
+    whose ``predict(images [B,3,H,W] float in [0,1])`` is the low-level contract.
+    """
+
+    def __init__(self, network: Any, *, source: str | Path, kind: str):
+        self.network, self.source, self.kind = network, Path(source), kind
+        self.class_names: list[str] = network.resolve_class_names(None)
+
+    def __repr__(self) -> str:
+        return f"castseg.Model({self.kind}: {self.source}, classes {self.class_names})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Batched tensors in, instances at the batch's size out: ``images [B,3,H,W]`` float in
+        [0,1] → B dicts ``{"masks" bool [K,H,W], "scores" [K], "labels" int64 [K]}``."""
+        return self.network.predict(images, self.class_names)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float = 0.0,
+                max_size: int | None = None, max_instances: int | None = None, batch_size: int = 1
+                ) -> list[Instances]:
+        """Instances on each image.
+
+        Args:
+            images: a file, a folder (its images, sorted), a glob pattern, a COCO json (its
+                images), a PIL image, a numpy
+                array (``[H,W]``, ``[H,W,3]`` or ``[H,W,4]``; uint8, uint16 or float: >8-bit data
+                is stretched per image, alpha dropped) or a list of any of these.
+            score_threshold: instances scoring below it are dropped.
+            max_size: the model sees the image resized so its longest side is at most this
+                (faster on large images); masks still come back at the input's size.
+            max_instances: keep at most this many per image (the best-scored).
+            batch_size: images per forward (same-size images only are batched together).
+
+        Returns:
+            One :class:`Instances` per image, in input order (a folder's images sorted by name).
+
+        Examples:
+            >>> import numpy as np, castseg
+            >>> model = castseg.load("student")             # a folder written by training
+            >>> [r] = model.predict(np.zeros((48, 64), np.uint16), max_size=32)
+            >>> r.masks.shape[1:], r.masks.dtype
+            ((48, 64), dtype('bool'))
+        """
+        from itertools import islice
+
+        stream = iter(_read_all(images))
+        results: list[Instances] = []
+        while chunk := list(islice(stream, max(1, batch_size))):
+            results += self._predict_chunk(chunk, score_threshold, max_size, max_instances)
+        return results
+
+    def _predict_chunk(self, chunk: list[tuple[np.ndarray, str | None]], score_threshold: float,
+                       max_size: int | None, max_instances: int | None) -> list[Instances]:
+        """One forward per group of same-size images (padding would change what the model sees)."""
+        from castseg.models.inference import resize_masks
+
+        xs = [image_tensor(image, max_size) for image, _ in chunk]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+        raw: list[Any] = [None] * len(xs)
+        for idx in groups.values():
+            for i, r in zip(idx, self(torch.stack([xs[i] for i in idx]).to(self.device))):
+                raw[i] = r
+        out = []
+        for (image, name), r in zip(chunk, raw):
+            keep = (r["scores"] >= score_threshold).nonzero()[:, 0][:max_instances]
+            masks = resize_masks(r["masks"][keep], image.shape[:2])
+            out.append(Instances(masks.cpu().numpy(), r["scores"][keep].float().cpu().numpy(),
+                                 r["labels"][keep].cpu().numpy().astype(np.int64), self.class_names, name))
+        return out
+
+    def export(self, path: str | Path, *, format: str = "onnx", height: int = 512, width: int = 512,
+               dynamic_size: bool = True, opset: int = 17, tolerance: float = 1e-3) -> Path:
+        """Write the model as ONNX (students only), refused unless onnxruntime reproduces torch
+        within ``tolerance`` on a ``height``×``width`` image; returns the file."""
+        from castseg.export import export_onnx
+
+        if format != "onnx":
+            raise CastsegError(f"export format {format!r} is not supported (only 'onnx')")
+        if self.kind != "student":
+            raise CastsegError(f"{self.source}: only a student checkpoint exports to ONNX (this is a {self.kind})")
+        r = export_onnx(self.network.model, self.class_names, path, height, width, dynamic_size=dynamic_size,
+                        opset=opset, tolerance=tolerance, source=str(self.source))
+        logger.info(f"exported {self.source} -> {r['path']} (opset {r['opset']}, "
+                    f"{'dynamic' if r['dynamic_size'] else 'fixed'} size); parity: max |Δ| mask prob "
+                    f"{r['max_abs_mask_prob']:.1e}, class prob {r['max_abs_class_prob']:.1e}, "
+                    f"identical top-k {r['same_topk']}")
+        return Path(r["path"])
+
+    def num_parameters(self) -> int | None:
+        """Parameters of the network (None for an ONNX file, whose runtime does not say)."""
+        return None if self.kind == "onnx" else sum(p.numel() for p in self.network.parameters())
+
+    def gflops(self, images: torch.Tensor) -> float | None:
+        """GFLOPs of one forward on ``images [B,3,H,W]`` (None where it cannot be counted)."""
+        if self.kind == "onnx":
+            return None
+        from castseg.models.sizes import forward_flops
+
+        try:
+            return forward_flops(lambda: self(images.to(self.device))) / 1e9
+        except Exception:  # noqa: BLE001 - a composite teacher's counting may fail; the row then says so
+            return None
+
+    def info(self) -> dict[str, Any]:
+        """``{"source", "kind", "class_names", "params", "device"}`` (plus the checkpoint's
+        ``step`` and ``architecture`` for a student)."""
+        out: dict[str, Any] = {"source": str(self.source), "kind": self.kind, "class_names": self.class_names,
+                               "params": self.num_parameters(), "device": str(self.device)}
+        if self.kind == "student" and self.source.suffix not in (".yaml", ".yml"):
+            from castseg.models.checkpoint import read_checkpoint_meta
+
+            meta = read_checkpoint_meta(self.source)[0]
+            out.update(step=meta.get("step"), architecture=meta.get("architecture"))
+        return out
+
+
+def load(path: str | Path, *, device: str = "auto", topk: int = 100, threads: int | None = None) -> Model:
+    """Load a student checkpoint (folder / ``model.json``), a teacher folder (``teacher.json`` /
+    ``teacher.yaml``), a teacher config (``.yaml``) or an exported ``.onnx`` file.
+
+    Args:
+        path: what to load; what it holds is read from its files.
+        device: "auto" (this process's GPU if there is one, else the CPU), "cpu", "cuda:1" ...
+        topk: candidate (query, class) pairs per image of a student-architecture model.
+        threads: onnxruntime threads for an ONNX file (None: its default).
+
+    Returns:
+        A :class:`Model`.
+
+    Examples:
+        >>> import castseg
+        >>> model = castseg.load("student")
+        >>> model.kind, model.class_names
+        ('student', ['nucleus'])
+    """
+    from castseg.models.loading import load_model
+    from castseg.models.teacher import ModelTeacher
+
+    network, info = load_model(path, device=device, fingerprint=False, threads=threads)
+    kind = info["config"].get("type") if isinstance(info["config"], dict) else None
+    kind = {"checkpoint": "student", "onnx": "onnx"}.get(kind or "", "teacher")
+    if isinstance(network, ModelTeacher):
+        network.postprocess_kwargs["topk"] = topk
+    return Model(network, source=path, kind=kind)

@@ -1,7 +1,7 @@
 """What the run report shows besides the metrics: each model's size, cost and predictions.
 
 :func:`report_extras` loads the adapted teacher and the refined student through the one
-predictor interface (:func:`castseg.predictor.load_predictor`) and measures params, GFLOPs
+loader (:func:`castseg.load`) and measures params, GFLOPs
 and latency on the first val image, then draws both models' predictions on the first val
 images, teacher and student of one image side by side.
 """
@@ -21,28 +21,27 @@ def report_extras(cfg: RunConfig, metrics: dict[str, Any], num_images: int = 2, 
     """``({label: {params, gflops, latency_ms, device}}, [(caption, PNG bytes), ...])``; the
     latency is measured on ``device`` (the run's: a GPU run reports GPU latencies)."""
     from castseg.bench import bench_predictor_forward
+    from castseg.predictor import image_tensor
     from castseg.data.coco_io import load_coco
     from castseg.data.images import read_image
-    from castseg.models.inference import resize_masks
-    from castseg.predictor import load_predictor, resize_for_model
+    from castseg.predictor import load
     from castseg.report import overlay
 
     if not cfg.data.val:
         return {}, []
     val = load_coco(cfg.data.val, cfg.data.images_root)
     images = [read_image(val.image_path(img)) for img in val.images[:num_images]]
-    views = [resize_for_model(img, cfg.val_max_size)[None] for img in images]
+    views = [image_tensor(img, cfg.val_max_size)[None] for img in images]
     efficiency: dict[str, dict[str, Any]] = {}
     panels: dict[int, list[tuple[str, bytes]]] = {}  # per val image: teacher's, then student's
     for key, label in MODELS:
         ckpt = (metrics.get(key) or {}).get("checkpoint")
         if not ckpt:
             continue
-        pred = load_predictor(ckpt, topk=cfg.eval.topk, score_threshold=0.3, device=device)
-        efficiency[label] = {"params": pred.num_parameters(), "gflops": pred.gflops(views[0]),
-                             "latency_ms": bench_predictor_forward(pred, views[0], repeats, device)["median_ms"],
+        model = load(ckpt, topk=cfg.eval.topk, device=device)
+        efficiency[label] = {"params": model.num_parameters(), "gflops": model.gflops(views[0]),
+                             "latency_ms": bench_predictor_forward(model, views[0], repeats, device)["median_ms"],
                              "device": device}
-        for i, (img, x) in enumerate(zip(images, views)):
-            masks = resize_masks(pred(x)[0]["masks"], img.shape[:2]).cpu()
-            panels.setdefault(i, []).append((f"val image {i + 1}: {label}", overlay(img, masks.numpy(), label)))
+        for i, r in enumerate(model.predict(images, score_threshold=0.3, max_size=cfg.val_max_size)):
+            panels.setdefault(i, []).append((f"val image {i + 1}: {label}", overlay(images[i], r.masks, label)))
     return efficiency, [p for i in sorted(panels) for p in panels[i]]

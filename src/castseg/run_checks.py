@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from castseg.data.coco_io import CocoData, load_coco, read_json
 from castseg.errors import InputError
+from castseg.layout import PSEUDO_LABEL_SOURCES  # metrics["pseudo_labels"] keys → the stage that made them
 
 if TYPE_CHECKING:
     from castseg.config import RunConfig
 
 PREMISE = "premise: adapted teacher / supervised-only student"
-# metrics["pseudo_labels"] keys (the cache files' stems) → the stage whose teacher made them
-# ("imported": the cache `castseg distill --pseudo-labels` was given, made elsewhere)
-PSEUDO_LABEL_SOURCES = {"adapt_a": "adapt/a", "teacher": "adapt/c", "imported": "given cache"}
 
 
 def premise_ratio(metrics: dict[str, Any]) -> float | None:
@@ -152,4 +150,14 @@ def merge_rows(metrics: dict[str, Any], rows: dict[str, Any]) -> dict[str, Any]:
             metrics.setdefault(k, {}).update(v)
         else:
             metrics[k] = v
+    return metrics
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json (``{}`` before the first stage finished); one line if unreadable."""
+    if not Path(path).is_file():
+        return {}
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise InputError(path, "not a castseg metrics file (top level is not an object)")
     return metrics

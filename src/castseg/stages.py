@@ -1,9 +1,9 @@
 """CAST's three stages on one engine: adapt → distill → refine, plus the supervised baseline.
 
 Every stage is a call of :func:`train_stage` (one :class:`~castseg.engine.Trainer` on the
-objective the model brings, :mod:`castseg.trainable`); nothing reaches back. Layout of
-``run_dir``: ``adapt/a``, ``adapt/c``, ``distill``, ``refine``, ``supervised`` (each a Trainer
-folder), ``pseudo_labels/``, ``metrics.json``, ``report.md`` / ``report.html``.
+objective the model brings, :mod:`castseg.trainable`); nothing reaches back. :func:`run_stages`
+is the one runner every entry point uses (``castseg run | adapt | distill | refine``, the Python
+API, the demo). The run folder's layout is :class:`castseg.layout.RunLayout`.
 
 Stages receive the typed :class:`~castseg.config.RunConfig` and return their metrics rows;
 they never ask what kind of model they train. A student-architecture teacher (a castseg
@@ -23,7 +23,7 @@ import copy
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,12 +39,13 @@ from castseg.engine.data import loader_settings
 from castseg.engine.optim import set_cuda_math
 from castseg.engine.distributed import DistInfo, barrier, init_distributed, on_main
 from castseg.errors import CastsegError, InputError
+from castseg.layout import ADAPT_A, ADAPT_C, DISTILL, REFINE, STAGES, SUPERVISED, RunLayout
 from castseg.models import build_student, load_checkpoint
 from castseg.models.teacher_factory import build_teacher
 from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher, read_manifest
 from castseg.pseudo_labels.cache import IDENTITY_KEYS
 from castseg.pseudo_labels.clean import CLEANUP_KEYS, Cleanup
-from castseg.trainable import CastTrainable, Trainable
+from castseg.trainable import CastTrainable, Trainable, trainable_for
 
 Metrics = dict[str, Any]
 
@@ -90,25 +91,26 @@ def _streams(cfg: RunConfig, batch_size: int, workers: int | str, strong: bool, 
     return streams
 
 
-def train_stage(name: str, model: Trainable, cfg: RunConfig, run_dir: Path, class_names: list[str],
+def train_stage(name: str, model: Trainable, cfg: RunConfig, run_dir: Path | RunLayout, class_names: list[str],
                 lambda_semi: float, lambda_pxl: float, pseudo_labels: Path | None = None,
                 section: str | None = None, resume: bool | str = True) -> dict[str, Any]:
     """Train ``model`` in place on J(D_l, D_u; λ_semi, λ_pxl) with the train overrides of
     ``section`` (default: the stage name's first part) and return the Trainer's result (``val``:
     the final val metrics, ``checkpoint``: the model in a form ``load_teacher`` and
-    ``load_predictor`` read). ``resume``: see :meth:`castseg.engine.Trainer.fit`."""
+    ``castseg.load`` read). ``resume``: see :meth:`castseg.engine.Trainer.fit`."""
+    layout = RunLayout.of(run_dir)
     tc = cfg.stage_train(section or name.split("/")[0])
     if not model.supports_pxl:
         lambda_pxl = 0.0
     strong = lambda_pxl > 0 and cfg.data.strong_view
     streams = _streams(cfg, tc.batch_size, tc.num_workers, strong, lambda_semi, pseudo_labels, name)
     trainer = Trainer(model.module(), model.loss_fn(class_names, cfg.loss, lambda_semi, lambda_pxl), streams, tc,
-                      run_dir / name, evaluate_fn=model.evaluator(cfg), name=name, class_names=class_names,
+                      layout.stage(name), evaluate_fn=model.evaluator(cfg), name=name, class_names=class_names,
                       run_config=cfg.to_dict(), inputs=stage_inputs(cfg, lambda_semi, lambda_pxl, pseudo_labels))
     result = trainer.fit(resume=resume)
     _debug_rank_weights(trainer, name)
     if model.saves:  # e.g. Grounding DINO + SAM2: its own folder format beside the checkpoints
-        folder = run_dir / name / "teacher"
+        folder = layout.teacher_folder(name)
         if trainer.dist.is_main:  # written whole or not at all: a reader never sees half a teacher
             write_dir_atomic(folder, lambda tmp: model.save(trainer.model, tmp))
         barrier(trainer.dist)  # every rank reads this folder next (stage 1b's pseudo-labels)
@@ -189,7 +191,7 @@ def evaluate_teacher(teacher: Any, cfg: RunConfig, label: str) -> dict[str, Any]
     """Val AP / AP50 of a teacher as built (θ_T⁰: the zero-shot row), on the run's device, by
     rank 0 alone (the other ranks wait and get its row)."""
     def run() -> dict[str, Any]:
-        trainable = teacher.trainable()
+        trainable = trainable_for(teacher)
         evaluate = trainable.evaluator(cfg)
         stats = evaluate(trainable.module()) if evaluate is not None else {}
         return {"AP": stats.get("AP"), "AP50": stats.get("AP50"), "checkpoint": label}
@@ -203,44 +205,45 @@ def evaluate_checkpoint(path: str | Path, cfg: RunConfig) -> dict[str, Any]:
     return evaluate_teacher(teacher, cfg, str(path))
 
 
-def run_adapt(cfg: RunConfig, run_dir: Path, resume: bool | str = True) -> tuple[Path, Metrics]:
+def run_adapt(cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True) -> tuple[Path, Metrics]:
     """Stage 1: (a) θ_T' on D_l with λ_pxl; (b) pseudo-label D_u with θ_T'; (c) θ_T'' from θ_T⁰
     on D_l + pseudo-labelled D_u. Returns the checkpoint of θ_T'' and the stage's metrics rows."""
+    layout = RunLayout.of(run_dir)
     metrics: Metrics = {}
     teacher, names = initial_teacher(cfg)
     label = getattr(cfg.teacher, "path", None) or "teacher config"  # an ensemble has no one path
     metrics["teacher_zero_shot"] = evaluate_teacher(teacher, cfg, label)
-    a = train_stage("adapt/a", teacher.trainable(), cfg, run_dir, names, 0.0, cfg.loss.lambda_pxl, resume=resume)
+    a = train_stage(ADAPT_A, trainable_for(teacher), cfg, layout, names, 0.0, cfg.loss.lambda_pxl, resume=resume)
     metrics["teacher_adapted_a"] = _row(a)
-    pl = pseudo_label(a["checkpoint"], cfg, run_dir / "pseudo_labels" / "adapt_a.json", resume)
+    pl = pseudo_label(a["checkpoint"], cfg, layout.pseudo_labels("adapt_a"), resume)
     run_checks.merge_rows(metrics, pseudo_label_rows(cfg, "adapt_a", pl))
     teacher, names = initial_teacher(cfg)  # re-initialised from θ_T⁰, not from θ_T'
-    c = train_stage("adapt/c", teacher.trainable(), cfg, run_dir, names, 1.0, cfg.loss.lambda_pxl,
+    c = train_stage(ADAPT_C, trainable_for(teacher), cfg, layout, names, 1.0, cfg.loss.lambda_pxl,
                     pseudo_labels=pl, resume=resume)
     metrics["teacher_adapted"] = _row(c)
     return Path(c["checkpoint"]), metrics
 
 
-def run_distill(cfg: RunConfig, run_dir: Path, teacher_path: str | Path, resume: bool | str = True
+def run_distill(cfg: RunConfig, run_dir: Path | RunLayout, teacher_path: str | Path, resume: bool | str = True
                 ) -> tuple[torch.nn.Module, Metrics]:
     """Stage 2: frozen θ_T'' pseudo-labels D_u once; the student trains on J(λ_semi, λ_pxl)."""
-    pl = pseudo_label(teacher_path, cfg, run_dir / "pseudo_labels" / "teacher.json", resume)
+    pl = pseudo_label(teacher_path, cfg, RunLayout.of(run_dir).pseudo_labels("teacher"), resume)
     metrics = pseudo_label_rows(cfg, "teacher", pl)
     student, row = distill_from_cache(cfg, run_dir, pl, resume)
     return student, {**metrics, **row}
 
 
-def distill_from_cache(cfg: RunConfig, run_dir: Path, pseudo_labels: Path, resume: bool | str = True
+def distill_from_cache(cfg: RunConfig, run_dir: Path | RunLayout, pseudo_labels: Path, resume: bool | str = True
                        ) -> tuple[torch.nn.Module, Metrics]:
     """Stage 2's training alone: θ_s⁰ on J(λ_semi, λ_pxl) with an existing pseudo-label cache."""
     student = initial_student(cfg)
-    r = train_stage("distill", CastTrainable(student), cfg, run_dir, _class_names(cfg), cfg.loss.lambda_semi,
+    r = train_stage(DISTILL, CastTrainable(student), cfg, run_dir, _class_names(cfg), cfg.loss.lambda_semi,
                     cfg.loss.lambda_pxl, pseudo_labels=pseudo_labels, resume=resume)
     return student, {"student_distilled": _row(r)}
 
 
-def run_refine(cfg: RunConfig, run_dir: Path, student: torch.nn.Module, resume: bool | str = True,
-               key: str = "student_refined", name: str = "refine") -> Metrics:
+def run_refine(cfg: RunConfig, run_dir: Path | RunLayout, student: torch.nn.Module, resume: bool | str = True,
+               key: str = "student_refined", name: str = REFINE) -> Metrics:
     """Stage 3 (and, with ``name="supervised"``, the supervised-only baseline): J(D_l, ∅; 0, 0)
     from ``student`` with the budget of the ``<name>`` section (:meth:`RunConfig.stage_train`)."""
     r = train_stage(name, CastTrainable(student), cfg, run_dir, _class_names(cfg), 0.0, 0.0, resume=resume)
@@ -258,33 +261,35 @@ def _class_names(cfg: RunConfig) -> list[str]:
     return load_coco(cfg.data.labeled, cfg.data.images_root).class_names
 
 
-def run_all(cfg: RunConfig, run_dir: Path, resume: bool | str = True, report: bool = True) -> Metrics:
+def run_all(cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True, report: bool = True,
+            checked: bool = False) -> Metrics:
     """All of CAST plus the supervised-only student from θ_s⁰ (with the ``supervised`` budget,
     stage 3's when unset), the premise ratio and (with ``data.unlabeled_gt``) the pseudo-labels'
     AP (:mod:`castseg.run_checks`). Under torchrun every rank trains; rank 0 alone evaluates
     teachers, scores pseudo-labels and writes metrics.json and the report."""
     info = run_dist(cfg)
-    run_checks.check_classes(cfg)  # a wrong class count fails now, not at distillation's first step
-    run_checks.load_unlabeled_gt(cfg)  # a wrong path or image set fails now, not after stage 1
+    layout = RunLayout.of(run_dir)
+    if not checked:
+        check_data(cfg, "run")
     metrics: Metrics = {}
 
     def save() -> None:
         if info.is_main:
-            write_json(metrics, run_dir / "metrics.json", indent=1)
+            write_json(metrics, layout.metrics, indent=1)
 
-    teacher, rows = run_adapt(cfg, run_dir, resume)
+    teacher, rows = run_adapt(cfg, layout, resume)
     run_checks.merge_rows(metrics, rows)
     save()
-    student, rows = run_distill(cfg, run_dir, teacher, resume)
+    student, rows = run_distill(cfg, layout, teacher, resume)
     run_checks.merge_rows(metrics, rows)
     save()
-    metrics.update(run_refine(cfg, run_dir, copy.deepcopy(student), resume))
-    metrics.update(run_refine(cfg, run_dir, initial_student(cfg), resume, key="student_supervised",
-                              name="supervised"))
+    metrics.update(run_refine(cfg, layout, copy.deepcopy(student), resume))
+    metrics.update(run_refine(cfg, layout, initial_student(cfg), resume, key="student_supervised",
+                              name=SUPERVISED))
     metrics["premise_ratio"] = run_checks.premise_ratio(metrics)
     save()
     if report:
-        metrics["efficiency"] = on_main(lambda: _write_report(cfg, run_dir, metrics), info)
+        metrics["efficiency"] = on_main(lambda: _write_report(cfg, layout.root, metrics), info)
         save()
     return metrics
 
@@ -297,6 +302,54 @@ def _write_report(cfg: RunConfig, run_dir: Path, metrics: Metrics) -> dict[str, 
 
     efficiency, overlays = report_extras(cfg, metrics, device=str(run_dist(cfg).device))
     write_report(run_dir, {**metrics, "efficiency": efficiency}, efficiency,
-                 stages=("adapt/a", "adapt/c", "distill", "refine", "supervised"), overlays=overlays,
+                 stages=STAGES, overlays=overlays,
                  title=f"castseg run: {run_dir.name}")
     return efficiency
+
+
+def run_stages(verb: str, cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True, *,
+               teacher: str | Path | None = None, pseudo_labels: str | Path | None = None,
+               init: str | Path | None = None, report: bool = True,
+               on_start: Callable[[], None] | None = None) -> Metrics:
+    """The one stage runner: ``verb`` ``"run"`` (:func:`run_all`: a fresh metrics.json) or
+    ``"adapt"`` / ``"distill"`` / ``"refine"`` (one stage, its rows merged into the run's
+    metrics.json). ``distill`` learns from ``teacher`` (default: this run's adapted teacher) or
+    an existing ``pseudo_labels`` cache; ``refine`` starts from ``init`` (default: this run's
+    distilled student). The data checks run before anything else, then ``on_start`` (e.g. the
+    plan's summary), then the stages. Returns the run's metrics."""
+    layout = RunLayout.of(run_dir)
+    check_data(cfg, verb)
+    if on_start is not None:
+        on_start()
+    if verb == "run":
+        return run_all(cfg, layout, resume, report=report, checked=True)
+    metrics: Metrics = run_checks.read_metrics(layout.metrics)
+    if verb == "adapt":
+        run_checks.merge_rows(metrics, run_adapt(cfg, layout, resume)[1])
+    elif verb == "distill" and pseudo_labels is not None:
+        cache = Path(pseudo_labels)
+        run_checks.merge_rows(metrics, pseudo_label_rows(cfg, "imported", cache))
+        run_checks.merge_rows(metrics, distill_from_cache(cfg, layout, cache, resume)[1])
+    elif verb == "distill":
+        source = Path(teacher) if teacher else layout.trained_model(ADAPT_C)
+        if not source.exists():
+            raise CastsegError(f"{source}: no adapted teacher; run `castseg adapt` first or pass --teacher")
+        run_checks.merge_rows(metrics, run_distill(cfg, layout, source, resume)[1])
+    elif verb == "refine":
+        start = Path(init) if init else layout.checkpoint(DISTILL)
+        if not start.exists():
+            raise CastsegError(f"{start}: no distilled student; run `castseg distill` first or pass --init")
+        metrics.update(run_refine(cfg, layout, load_checkpoint(start)[0].train(), resume))
+    else:
+        raise ValueError(f"unknown verb {verb!r} (run, adapt, distill, refine)")
+    if run_dist(cfg).is_main:
+        write_json(metrics, layout.metrics, indent=1)
+    return metrics
+
+
+def check_data(cfg: RunConfig, verb: str) -> None:
+    """What can be checked before any training, checked: a wrong class count fails now, not at
+    distillation's first step; a wrong ``data.unlabeled_gt`` not after stage 1."""
+    run_checks.check_classes(cfg)
+    if verb != "refine":
+        run_checks.load_unlabeled_gt(cfg)

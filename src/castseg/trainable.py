@@ -1,7 +1,9 @@
 """What a stage needs of the model it trains: :class:`Trainable`.
 
-A stage (:mod:`castseg.stages`) never asks what kind of model it holds. It asks the model for
-its :class:`Trainable` — the student and a checkpoint teacher give a :class:`CastTrainable`
+A stage (:mod:`castseg.stages`) never asks what kind of model it holds. :func:`trainable_for`
+decides it here, where training policy lives (models do not import training code): the student
+and a student-architecture teacher (:class:`~castseg.models.teacher.ModelTeacher`) give a
+:class:`CastTrainable`
 (CAST's objective J, the student evaluator, the engine's checkpoint is the model); any other
 :class:`~castseg.models.teacher.Teacher` (Grounding DINO + SAM2, an ensemble, ...) gives a
 :class:`TeacherTrainable` (its own ``loss``, evaluation through its ``predict``, saved with its
@@ -43,7 +45,7 @@ class Trainable(Protocol):
         """Val metrics of the trained module (None without ``data.val``)."""
 
     def save(self, trained: nn.Module, folder: Path) -> Path | None:
-        """The trained model in a form ``load_teacher`` / ``load_predictor`` read; None when the
+        """The trained model in a form ``castseg.load`` / ``load_model`` read; None when the
         engine's checkpoint already is one."""
 
 
@@ -140,3 +142,13 @@ class TeacherTrainable:
 
     def save(self, trained: nn.Module, folder: Path) -> Path | None:
         return trained.save_pretrained(folder)
+
+
+def trainable_for(teacher: nn.Module) -> Trainable:
+    """How a stage trains ``teacher``: a student-architecture one (``ModelTeacher``) on CAST's J
+    like the student (METHOD.md); any other on its own ``loss``."""
+    from castseg.models.teacher import ModelTeacher
+
+    if isinstance(teacher, ModelTeacher):
+        return CastTrainable(teacher.model)
+    return TeacherTrainable(teacher)

@@ -69,7 +69,7 @@ def test_a_fresh_run_starts_with_the_plan_on_a_gpu(tiny_run, monkeypatch, caplog
 
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     monkeypatch.setattr("castseg.device.resolve_device", lambda spec="auto", local_rank=None: device)
-    monkeypatch.setattr(stages, "run_all", lambda cfg, run_dir, resume: {})
+    monkeypatch.setattr(stages, "run_all", lambda *args, **kwargs: {})
     monkeypatch.setattr(pipeline, "print_summary", lambda metrics, with_premise: None)
     with caplog.at_level(logging.INFO, logger="castseg"):
         assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(tiny_run / "runs")]) == 0

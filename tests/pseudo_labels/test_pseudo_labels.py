@@ -25,7 +25,7 @@ from castseg.models.inference import postprocess_instances, to_coco_results
 from castseg.models.teacher import Teacher
 from castseg.pseudo_labels import (PseudoLabeledDataset, generate_pseudo_labels, load_pseudo_labels, load_teacher,
                                    manifest_path, parts_dir, read_manifest)
-from castseg.pseudo_labels.teacher_spec import _walk_config
+from castseg.models.loading import _walk_config
 
 H, W = 32, 40
 SCORES = (0.9, 0.5, 0.2)

@@ -28,32 +28,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from castseg.api import load
     from castseg.bench import bench_predictor_forward
     from castseg.errors import CastsegError
-    from castseg.predictor import StudentPredictor, TeacherPredictor, load_predictor
 
     h, w = args.size
     x = torch.rand(args.batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(args.device)
-    student = load_predictor(args.checkpoint, device=args.device)
-    if not isinstance(student, StudentPredictor):
+    student = load(args.checkpoint, device=args.device)
+    if student.kind != "student":
         raise CastsegError(f"{args.checkpoint}: --checkpoint must be a student checkpoint (teachers go in --teacher)")
+    # Runtimes differ in the network, so a student-architecture model is timed without post-processing.
+    network = student.network.model
     rows: dict[str, dict] = {}
-    rows["student/torch"] = bench_predictor_forward(student.raw, x, args.repeats, args.device)
+    rows["student/torch"] = bench_predictor_forward(network, x, args.repeats, args.device)
     if not args.no_compile:
         try:
-            compiled = torch.compile(student.model)
+            compiled = torch.compile(network)
             rows["student/torch.compile"] = bench_predictor_forward(lambda t: compiled(t), x, args.repeats,
                                                                     args.device)
         except Exception as e:  # no compiler toolchain, unsupported op...: report, don't fail
             rows["student/torch.compile"] = {"median_ms": None, "error": str(e).splitlines()[0][:160]}
     if args.onnx:
-        onnx_pred = load_predictor(args.onnx, onnx=True)
-        rows["student/onnxruntime"] = bench_predictor_forward(onnx_pred.raw, x.cpu(), args.repeats)
+        rows["student/onnxruntime"] = bench_predictor_forward(load(args.onnx).network.model, x.cpu(), args.repeats)
     if args.teacher:
-        teacher = load_predictor(args.teacher, device=args.device)
+        teacher = load(args.teacher, device=args.device)
         # A student-architecture teacher is timed like the student (network only); a composite
         # teacher's forward is its whole detect → segment pipeline.
-        fn = teacher if isinstance(teacher, TeacherPredictor) else teacher.raw
+        fn = teacher if teacher.kind == "teacher" else teacher.network.model
         rows["teacher/torch"] = bench_predictor_forward(fn, x, args.repeats, args.device)
     base = rows["student/torch"]["median_ms"]
     for r in rows.values():

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,12 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from castseg.export import export_onnx
+    from castseg.api import load
 
-    r = export_onnx(args.checkpoint, args.out, args.height, args.width, dynamic_size=not args.fixed_size,
-                    opset=args.opset, tolerance=args.tolerance)
-    logger.info(f"exported {args.checkpoint} -> {r['path']} (opset {r['opset']}, "
-                f"{'dynamic' if r['dynamic_size'] else 'fixed'} size); parity: max |Δ| mask prob "
-                f"{r['max_abs_mask_prob']:.1e}, class prob {r['max_abs_class_prob']:.1e}, "
-                f"identical top-k {r['same_topk']}")
+    load(args.checkpoint, device="cpu").export(args.out, format=args.format, height=args.height, width=args.width,
+                                               dynamic_size=not args.fixed_size, opset=args.opset,
+                                               tolerance=args.tolerance)
     return 0

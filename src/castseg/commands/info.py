@@ -60,12 +60,12 @@ def format_model(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.model is not None:
+        from castseg.api import describe
         from castseg.errors import CastsegError
-        from castseg.models.sizes import describe_model
 
         if args.checkpoint:
             raise CastsegError("give the checkpoint either as MODEL_OR_CKPT or with --checkpoint, not both")
-        info = describe_model(args.model, args.size)
+        info = describe(args.model, size=args.size)
         print(json.dumps(info) if args.json else format_model(info))
         return 0
     import torch
@@ -86,12 +86,11 @@ def run(args: argparse.Namespace) -> int:
         "teacher_student_ratio": paper_teacher / students["small"],
     }
     if args.checkpoint:
-        from castseg.models.checkpoint import load_checkpoint
-        from castseg.models.student import count_parameters
+        from castseg.api import load
 
-        model, meta = load_checkpoint(args.checkpoint)
-        info["checkpoint"] = {"path": args.checkpoint, "params": count_parameters(model),
-                              **{k: meta[k] for k in ("class_names", "step") if k in meta}}
+        model = load(args.checkpoint, device="cpu").info()
+        info["checkpoint"] = {"path": args.checkpoint, "params": model["params"],
+                              "class_names": model["class_names"], "step": model.get("step")}
     if args.json:
         print(json.dumps(info))
         return 0

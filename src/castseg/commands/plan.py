@@ -25,10 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from castseg.config import load_config
-    from castseg.plan import format_plan, plan_run
+    from castseg.api import plan as plan_run
+    from castseg.plan import format_plan
 
-    cfg = load_config(args.config, args.overrides)
-    plan = plan_run(cfg, measure_data=not args.no_data)
+    plan = plan_run(args.config, *args.overrides, measure_data=not args.no_data)
     print(json.dumps(plan) if args.json else format_plan(plan))
     return 0

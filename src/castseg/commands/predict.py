@@ -8,7 +8,6 @@ scores drawn last so they win overlaps).
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 from pathlib import Path
 
@@ -35,41 +34,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def list_images(spec: str, images_root: str | None) -> tuple[list[tuple[int, str, Path]], dict[str, int] | None]:
-    """``(image_id, name, path)`` for every input image, and the category ids by class name when
-    the input is a COCO json."""
-    from castseg.data.coco_io import load_coco
-    from castseg.data.dataset import list_image_folder
-    from castseg.data.images import is_image_file
-    from castseg.errors import InputError
-
-    path = Path(spec)
-    if path.is_dir():
-        return [(i, f, path / f) for i, f in enumerate(list_image_folder(path), start=1)], None
-    if path.is_file() and path.suffix.lower() == ".json":
-        coco = load_coco(path, images_root, require_annotations=False)
-        return ([(img["id"], img["file_name"], coco.image_path(img)) for img in coco.images],
-                {c["name"]: c["id"] for c in coco.categories})
-    if path.is_file():
-        return [(1, path.name, path)], None
-    matches = sorted(m for m in glob.glob(spec, recursive=True) if is_image_file(m) and Path(m).is_file())
-    if not matches:
-        raise InputError(spec, "no images found (expected an image, a folder, a glob pattern or a COCO json)")
-    return [(i, m, Path(m)) for i, m in enumerate(matches, start=1)], None
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from castseg.api import load
     from castseg.console import Progress
+    from castseg.data.dataset import list_image_inputs
     from castseg.data.images import read_image
     from castseg.eval.results import write_results
-    from castseg.predictor import load_predictor, resize_for_model
 
-    predictor = load_predictor(args.onnx or args.checkpoint, onnx=bool(args.onnx), device=args.device,
-                               topk=args.max_instances, score_threshold=args.score_threshold)
-    items, cat_by_name = list_images(args.images, args.images_root)
-    cat_ids = category_ids(predictor.class_names, cat_by_name, args.images)
+    model = load(args.onnx or args.checkpoint, device=args.device, topk=args.max_instances)
+    items, cat_by_name = list_image_inputs(args.images, args.images_root)
+    cat_ids = category_ids(model.class_names, cat_by_name, args.images)
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     if args.label_maps:
@@ -80,21 +54,14 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
         raws = [read_image(p) for _, _, p in chunk]
-        xs = [resize_for_model(r, args.max_size) for r in raws]
-        # Batch only same-size images: padding here would differ from the model's own padding.
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, x in enumerate(xs):
-            groups.setdefault(tuple(x.shape[-2:]), []).append(i)
-        results: list = [None] * len(xs)
-        for idx in groups.values():
-            for i, r in zip(idx, predictor(torch.stack([xs[i] for i in idx]))):
-                results[i] = r
+        results = model.predict(raws, score_threshold=args.score_threshold, max_size=args.max_size,
+                                max_instances=args.max_instances, batch_size=args.batch_size)
         for (image_id, name, _), raw, r in zip(chunk, raws, results):
-            records += write_image_outputs(args, out, image_id, name, raw, r, cat_ids, predictor.class_names)
+            records += write_image_outputs(args, out, image_id, name, raw, r, cat_ids)
         bar.update(len(chunk))
     bar.close()
     write_results(records, out / "predictions.json")
-    logger.info(f"predicted {len(records)} instances on {len(items)} images ({predictor.kind}: "
+    logger.info(f"predicted {len(records)} instances on {len(items)} images ({model.kind}: "
                 f"{args.onnx or args.checkpoint}) -> {out / 'predictions.json'}")
     return 0
 
@@ -111,31 +78,23 @@ def category_ids(names: list[str], cat_by_name: dict[str, int] | None, spec: str
     return [cat_by_name[n] for n in names]
 
 
-def write_image_outputs(args: argparse.Namespace, out: Path, image_id: int, name: str, raw, result: dict,
-                        cat_ids: list[int], names: list[str]) -> list[dict]:
-    """One image's kept instances (score, top-k; masks at the image's size [N,H,W]) as COCO
+def write_image_outputs(args: argparse.Namespace, out: Path, image_id: int, name: str, raw, result,
+                        cat_ids: list[int]) -> list[dict]:
+    """One image's instances (:class:`castseg.api.Instances`, masks at the image's size) as COCO
     results, with its overlay and label-map PNGs when asked."""
     import numpy as np
     from PIL import Image
 
-    from castseg.eval.results import instances_to_results
-    from castseg.models.inference import resize_masks
     from castseg.visualize import draw_instances
 
     h, w = raw.shape[:2]
-    scores, labels = result["scores"].cpu(), result["labels"].cpu()
-    keep = scores >= args.score_threshold
-    masks = result["masks"].cpu()[keep][: args.max_instances]
-    scores, labels = scores[keep][: args.max_instances], labels[keep][: args.max_instances]
-    masks = resize_masks(masks, (h, w))
-    categories = np.asarray(cat_ids, dtype=np.int64)[labels.numpy()] if len(labels) else np.zeros(0, np.int64)
     stem = Path(name).with_suffix("").as_posix().replace("/", "__")
-    m, s, lab = masks.numpy(), scores.numpy(), labels.numpy()
+    m, s, lab = result.masks, result.scores, result.labels
     if not args.no_overlays:
-        draw_instances(raw, m, s, [names[int(k)] for k in lab]).save(out / "overlays" / f"{stem}.png")
+        draw_instances(raw, m, s, [result.class_names[int(k)] for k in lab]).save(out / "overlays" / f"{stem}.png")
     if args.label_maps:
         ids = np.zeros((h, w), np.uint16)
         for k in np.argsort(s, kind="stable"):  # ascending: the best instance is drawn last
             ids[m[k]] = k + 1
         Image.fromarray(ids).save(out / "labels" / f"{stem}.png")
-    return instances_to_results(image_id, masks, scores, categories)
+    return result.to_coco(image_id, cat_ids)

@@ -175,6 +175,28 @@ class UnlabeledImageDataset(Dataset):
         return _finish(sample, self.transform, self.strong)
 
 
+def list_image_inputs(spec: str | Path, images_root: str | Path | None = None
+                      ) -> tuple[list[tuple[int, str, Path]], dict[str, int] | None]:
+    """``(image_id, name, path)`` for every image of ``spec`` — a file, a folder (recursive,
+    sorted), a glob pattern or a COCO json (its images, from ``images_root`` or the json's) — and
+    the category ids by class name when it is a COCO json (else None)."""
+    import glob
+
+    path = Path(spec)
+    if path.is_dir():
+        return [(i, f, path / f) for i, f in enumerate(list_image_folder(path), start=1)], None
+    if path.is_file() and path.suffix.lower() == ".json":
+        coco = load_coco(path, images_root, require_annotations=False)
+        return ([(img["id"], img["file_name"], coco.image_path(img)) for img in coco.images],
+                {c["name"]: c["id"] for c in coco.categories})
+    if path.is_file():
+        return [(1, path.name, path)], None
+    matches = sorted(m for m in glob.glob(str(spec), recursive=True) if is_image_file(m) and Path(m).is_file())
+    if not matches:
+        raise InputError(spec, "no images found (expected an image, a folder, a glob pattern or a COCO json)")
+    return [(i, m, Path(m)) for i, m in enumerate(matches, start=1)], None
+
+
 def _pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Zero-pad the last two dims of ``x`` to ``(h, w)`` at the bottom/right."""
     out = x.new_zeros((*x.shape[:-2], h, w))

@@ -75,13 +75,26 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(path, "image file not found") from None
     except _READ_ERRORS as e:
         raise InputError(path, f"cannot read image (corrupt, truncated or not an image: {e})") from None
-    arr = _to_uint8(np.asarray(arr))
+    return to_rgb_uint8(np.asarray(arr), path)
+
+
+def to_rgb_uint8(arr: np.ndarray, source: str | Path | None = None) -> np.ndarray:
+    """An image array as read from a file or handed over by a user → ``uint8`` ``[H,W,3]``.
+
+    ``[H,W]`` and ``[H,W,1]`` are replicated to three channels, ``[H,W,4]`` loses its alpha;
+    uint8 is kept, bool is 0/255, anything else (uint16, float) is min-max stretched per image.
+    ``source`` names the image in the error for any other layout.
+    """
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    arr = _to_uint8(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.ndim == 3 and arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.ndim != 3 or arr.shape[2] != 3:
-        raise InputError(path, f"unsupported image layout with shape {arr.shape}")
+        raise InputError(source, f"unsupported image layout with shape {arr.shape} (expected [H,W], [H,W,3] "
+                         "or [H,W,4])")
     # A writable copy: PIL-backed arrays are read-only, and torch.from_numpy warns on those.
     return np.array(arr, order="C")
 

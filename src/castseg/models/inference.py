@@ -86,6 +86,29 @@ def postprocess_instances(pred_logits: Tensor, pred_masks: Tensor, image_sizes: 
     return results
 
 
+def outputs_to_instances(outputs: dict[str, Any], image_sizes: Sequence[tuple[int, int]],
+                         output_sizes: Sequence[tuple[int, int]], **postprocess: Any) -> list[dict[str, Tensor]]:
+    """The one way a student-architecture network's outputs become instances (the student, a
+    ``large``-preset teacher, an ONNX file: :class:`~castseg.models.teacher.ModelTeacher`, and
+    evaluation through :func:`castseg.evaluate.network_instances`).
+
+    Args:
+        outputs: ``{"pred_logits" [B,Q,C+1], "pred_masks" [B,Q,h,w], "mask_stride" (optional, 4)}``.
+        image_sizes: B ``(h, w)``: each image's valid region of the padded input.
+        output_sizes: B ``(H0, W0)``: the sizes to return masks at.
+        postprocess: :func:`postprocess_instances`' options (``topk``, ``score_threshold`` ...).
+
+    Returns:
+        B dicts ``{"masks" bool [K,H0,W0], "scores" [K], "labels" int64 [K]}``, one image at a
+        time so memory holds one image's upsampled masks.
+    """
+    stride = int(outputs.get("mask_stride", 4))
+    logits, masks = outputs["pred_logits"].float(), outputs["pred_masks"]
+    return [postprocess_instances(logits[b: b + 1], masks[b: b + 1].float(), [image_sizes[b]], [output_sizes[b]],
+                                  **{"mask_stride": stride, **postprocess})[0]
+            for b in range(len(image_sizes))]
+
+
 def to_coco_results(instances: dict[str, Any], image_id: int, cat_ids: Sequence[int]) -> list[dict[str, Any]]:
     """One image's instances → COCO result records.
 

@@ -81,12 +81,6 @@ class Teacher(nn.Module):
         teacher that adapts."""
         return self.loss(images, targets, class_names)
 
-    def trainable(self) -> Any:
-        """How a stage trains this teacher (:mod:`castseg.trainable`)."""
-        from castseg.trainable import TeacherTrainable
-
-        return TeacherTrainable(self)
-
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the teacher to the folder ``path`` so that ``load_teacher(path)`` rebuilds it."""
         raise CastsegError(f"{type(self).__name__} cannot be saved; adapt it through a saveable teacher")
@@ -202,24 +196,17 @@ class ModelTeacher(Teacher):
         return c
 
     def _predict(self, images: Tensor, class_names: list[str]) -> list[Instances]:
-        from castseg.models.inference import postprocess_instances
+        from castseg.models.inference import outputs_to_instances
 
         out = self.model(images)
         self._check_classes(out, class_names)
         size = tuple(images.shape[-2:])
         b = images.shape[0]
-        kwargs = {"mask_stride": int(out.get("mask_stride", 4)), **self.postprocess_kwargs}
-        return postprocess_instances(out["pred_logits"], out["pred_masks"], [tuple(out.get("image_size", size))] * b,
-                                     [size] * b, **kwargs)
+        return outputs_to_instances(out, [tuple(out.get("image_size", size))] * b, [size] * b,
+                                    **self.postprocess_kwargs)
 
     def backbone_prefixes(self) -> tuple[str, ...]:
         return ("model.encoder.",)
-
-    def trainable(self) -> Any:
-        """Stage 1 trains the network itself on CAST's J, as the student (METHOD.md)."""
-        from castseg.trainable import CastTrainable
-
-        return CastTrainable(self.model)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from castseg.models.checkpoint import save_checkpoint

@@ -1,9 +1,9 @@
 """The one place teachers are constructed: :func:`build_teacher` (a typed ``teacher:`` spec,
 or its mapping, → a :class:`~castseg.models.teacher.Teacher`).
 
-``castseg run`` / ``adapt`` (θ_T⁰), ``pseudo-label`` and ``bench`` (through
-:func:`castseg.pseudo_labels.load_teacher`, which turns a path into a spec), ``predict`` and the
-report (through :func:`castseg.predictor.load_predictor`) all end here. The teacher modules
+``castseg run`` / ``adapt`` (θ_T⁰) and everything that loads a model from a path
+(:func:`castseg.models.loading.load_model`, which turns a path into a spec: ``pseudo-label``,
+``predict``, ``bench``, the report, ``castseg.load``) end here. The teacher modules
 themselves (teacher.py, grounded_sam.py, tta.py) never import this one, so there is no cycle.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Callable
 from pydantic import TypeAdapter, ValidationError
 
 from castseg.config_sections import (CheckpointTeacherSpec, EnsembleTeacherSpec, GroundedSamTeacherSpec,
-                                     TeacherSpec, TTATeacherSpec, describe_error)
+                                     OnnxTeacherSpec, TeacherSpec, TTATeacherSpec, describe_error)
 from castseg.errors import CastsegError
 from castseg.models.teacher import EnsembleTeacher, ModelTeacher, Teacher
 
@@ -24,7 +24,8 @@ _SPEC_ROOT = TeacherSpec  # for the valid keys in error messages
 
 def parse_teacher_spec(spec: Any, where: str = "teacher") -> Any:
     """A mapping (or an already typed spec) → the typed spec; one line naming the key if invalid."""
-    if isinstance(spec, (CheckpointTeacherSpec, GroundedSamTeacherSpec, EnsembleTeacherSpec, TTATeacherSpec)):
+    if isinstance(spec, (CheckpointTeacherSpec, OnnxTeacherSpec, GroundedSamTeacherSpec, EnsembleTeacherSpec,
+                         TTATeacherSpec)):
         return spec
     try:
         return _SPEC.validate_python(spec)
@@ -38,6 +39,14 @@ def _checkpoint(spec: CheckpointTeacherSpec) -> Teacher:
 
     model, meta = load_checkpoint(spec.path, device=resolve_device(spec.device))
     return ModelTeacher(model, spec.class_names or meta["class_names"], postprocess_kwargs=spec.postprocess_kwargs)
+
+
+def _onnx(spec: OnnxTeacherSpec) -> Teacher:
+    from castseg.models.onnx_network import OnnxNetwork, onnx_class_names
+
+    network = OnnxNetwork(spec.path, threads=spec.threads, cuda=spec.device.startswith("cuda"))
+    return ModelTeacher(network, spec.class_names or onnx_class_names(spec.path),
+                        postprocess_kwargs=spec.postprocess_kwargs)
 
 
 def _grounded_sam(spec: GroundedSamTeacherSpec) -> Teacher:
@@ -62,13 +71,14 @@ def _tta(spec: TTATeacherSpec) -> Teacher:
 
 
 _BUILDERS: dict[str, Callable[[Any], Teacher]] = {
-    "checkpoint": _checkpoint, "grounded_sam": _grounded_sam, "ensemble": _ensemble, "tta": _tta}
+    "checkpoint": _checkpoint, "onnx": _onnx, "grounded_sam": _grounded_sam, "ensemble": _ensemble, "tta": _tta}
 
 
 def build_teacher(spec: Any) -> Teacher:
     """A teacher from its spec (see :mod:`castseg.config_sections`):
 
     - ``{type: checkpoint, path: P, postprocess_kwargs: {...}}``: a castseg checkpoint;
+    - ``{type: onnx, path: F.onnx}``: an exported student, run by onnxruntime (predicts only);
     - ``{type: grounded_sam, detector, segmenter, ...}`` or ``{type: grounded_sam, path: DIR}``
       (a teacher saved with ``save_pretrained``; the other keys override its options);
     - ``{type: ensemble, members: [spec, ...], weights: [...], mask_nms_iou: 0.5}``;

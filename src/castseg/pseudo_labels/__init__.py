@@ -27,7 +27,7 @@ from castseg.pseudo_labels.cache import (FORMAT, PseudoLabeledDataset, load_pseu
                                          read_manifest)
 from castseg.pseudo_labels.generate import dist_info, generate_pseudo_labels
 from castseg.pseudo_labels.import_results import import_pseudo_labels
-from castseg.pseudo_labels.teacher_spec import load_teacher
+from castseg.models.loading import load_model as load_teacher  # the one loader, under its pseudo-labelling name
 
 __all__ = ["FORMAT", "PseudoLabeledDataset", "dist_info", "generate_pseudo_labels", "import_pseudo_labels",
            "load_pseudo_labels",

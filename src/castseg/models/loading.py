@@ -1,5 +1,13 @@
-"""Teacher specs for pseudo-labelling: a path → a frozen teacher plus a fingerprint that says
-whether a cache was made by the same weights and options (see :mod:`castseg.pseudo_labels`)."""
+"""The one loader: a path → a frozen model behind the one inference contract
+(:class:`~castseg.models.teacher.Teacher`: ``predict(images [B,3,H,W]) -> instances``), plus a
+fingerprint that says whether a pseudo-label cache was made by the same weights and options.
+
+What a path holds is decided here and only here: a castseg checkpoint (folder, ``model.json`` or
+``.safetensors``) → a student-architecture model; an ``.onnx`` file → the same model run by
+onnxruntime; a teacher folder (``teacher.json``: grounded-SAM; ``teacher.yaml``: ensembles, TTA)
+or a teacher config (``.yaml`` / ``.json``) → whatever it describes. Everything ends in
+:func:`castseg.models.teacher_factory.build_teacher`.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +54,11 @@ def _resolve(path: Path, found: list[Path], weights: dict[str, str]) -> tuple[di
 
     from castseg.models.checkpoint import read_checkpoint_meta
 
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        from castseg.models.onnx_network import onnx_class_names
+
+        found.append(path)
+        return {"type": "onnx", "path": str(path)}, {"type": "onnx", "class_names": onnx_class_names(path)}
     is_config = path.suffix.lower() in (".yaml", ".yml")
     if path.suffix.lower() == ".json" and path.is_file():
         head = read_json(path)
@@ -69,13 +82,14 @@ def _resolve(path: Path, found: list[Path], weights: dict[str, str]) -> tuple[di
             {"type": "checkpoint", "architecture": meta["architecture"], "class_names": meta["class_names"]})
 
 
-def load_teacher(spec: str | Path, device: Any = "auto", fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Build a frozen teacher from a castseg checkpoint (folder, ``model.json`` or
-    ``.safetensors``), a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
+def load_model(spec: str | Path, device: Any = "auto", fingerprint: bool = True, threads: int | None = None
+               ) -> tuple[Any, dict[str, Any]]:
+    """Build a frozen model from a castseg checkpoint (folder, ``model.json`` or
+    ``.safetensors``), an exported ``.onnx`` file, a teacher folder (``teacher.json``) or a teacher config (``.yaml`` /
     ``.json``: a :func:`~castseg.models.teacher_factory.build_teacher` mapping, optionally under a
     ``teacher:`` key; relative ``path`` values are relative to the config's folder).
 
-    ``device``: where the teacher runs ("auto": this process's GPU if there is one, else CPU;
+    ``threads``: onnxruntime's threads for an ``.onnx`` file. ``device``: where the model runs ("auto": this process's GPU if there is one, else CPU;
     a ``torch.device`` too).
 
     Returns ``(teacher, info)`` with ``info = {"spec", "config", "weights": {file: sha256},
@@ -89,8 +103,8 @@ def load_teacher(spec: str | Path, device: Any = "auto", fingerprint: bool = Tru
     device = str(resolve_device(str(device)))  # "auto": this process's GPU (cuda:LOCAL_RANK) if any, else CPU
     path = Path(spec)
     if not path.exists():
-        raise InputError(path, "teacher not found (expected a castseg checkpoint, a teacher folder with "
-                         "teacher.json or teacher.yaml, or a teacher config .yaml/.json)")
+        raise InputError(path, "not found (expected a model: a castseg checkpoint, an .onnx file, a teacher folder "
+                         "with teacher.json or teacher.yaml, or a teacher config .yaml/.json)")
     if path.is_dir() and (path / "teacher.yaml").is_file():  # e.g. an adapted ensemble (save_pretrained)
         path = path / "teacher.yaml"
     found: list[Path] = []
@@ -100,8 +114,8 @@ def load_teacher(spec: str | Path, device: Any = "auto", fingerprint: bool = Tru
         files = [ref] if ref.is_file() else sorted(p for p in ref.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
         for f in files:
             weights[f.relative_to(ref.parent).as_posix()] = sha256_file(f)
-    if cfg["type"] == "checkpoint":
-        cfg = {**cfg, "device": device}
+    if cfg["type"] in ("checkpoint", "onnx"):
+        cfg = {**cfg, "device": device, **({"threads": threads} if cfg["type"] == "onnx" and threads else {})}
     try:
         teacher = build_teacher(cfg)
     except InputError:
