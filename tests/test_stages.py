@@ -50,6 +50,13 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys, monkeypatch
     assert "<table>" in page and "teacher (adapted)" in page and "student (refined)" in page
     assert page.count("data:image/png;base64") >= 4  # curves + teacher/student overlays
     assert "student, CAST refined" in (run_dir / "report.md").read_text()
+    # the run hands over one student: named last in metrics.json and the report, exported to deploy/
+    rec = metrics["recommendation"]
+    assert list(metrics)[-1] == "recommendation" and rec["model"] == "student_refined"  # 0.0 AP each: a tie
+    assert rec["files"] == {"checkpoint": str(run_dir / "deploy" / "model"), "onnx": str(run_dir / "deploy" / "model.onnx")}
+    assert sorted(p.name for p in (run_dir / "deploy" / "model").iterdir()) == ["model.json", "model.safetensors"]
+    assert "## What to deploy" in (run_dir / "report.md").read_text() and "premise not met" in rec["reading"]
+    assert metrics["teacher_selection"]["chosen"] == "adapt_c"  # every teacher 0.0 AP: the paper's θ_T''
     # a re-run skips every finished stage and reproduces the metrics
     capsys.readouterr()
     assert cli.main(["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs)]) == 0
@@ -57,6 +64,7 @@ def test_run_writes_every_stage_metrics_and_report(tiny_run, capsys, monkeypatch
     again = json.loads((run_dir / "metrics.json").read_text())
     # efficiency holds latencies, measured again on every run; everything else must be identical
     assert set(again.pop("efficiency")) == set(metrics.pop("efficiency")) == {"teacher (adapted)", "student (refined)"}
+    assert again["recommendation"].pop("latency_ms") > 0 and metrics["recommendation"].pop("latency_ms") > 0
     assert again == metrics
 
 

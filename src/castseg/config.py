@@ -28,8 +28,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from castseg.atomic import atomic_write_text
-from castseg.config_sections import (DataConfig, EvalConfig, LossConfig, PseudoLabelsConfig, Section, StageConfig,
-                                     TeacherSpec, TrainConfig, describe_error, error_key)
+from castseg.config_sections import (AdaptConfig, DataConfig, EvalConfig, LossConfig, PseudoLabelsConfig, Section,
+                                     StageConfig, TeacherSpec, TrainConfig, describe_error, error_key)
 from castseg.errors import InputError
 from castseg.models.student import StudentConfig
 
@@ -69,7 +69,7 @@ class RunConfig(Section):
     loss: LossConfig = LossConfig()
     pseudo_labels: PseudoLabelsConfig = PseudoLabelsConfig()
     teacher: TeacherSpec | None = None
-    adapt: StageConfig = StageConfig()
+    adapt: AdaptConfig = AdaptConfig()
     distill: StageConfig = StageConfig()
     refine: StageConfig = StageConfig()
     # the supervised-only baseline; without train overrides it gets stage 3's (the paper's rule)

@@ -220,6 +220,14 @@ class StageConfig(Section):
         return train.model_dump(mode="json", exclude_unset=True)
 
 
+class AdaptConfig(StageConfig):
+    """``adapt``: stage 1's ``train`` overrides and which teacher stage 2 distils from
+    (:mod:`castseg.teacher_selection`)."""
+
+    teacher_selection: Literal["best", "paper"] = "best"  # best: the best val AP of θ_T⁰, θ_T', θ_T''
+    selection_holdout: float = Field(0.2, gt=0, lt=1)     # labeled share held out of stage 1 without data.val
+
+
 # --- teachers ---------------------------------------------------------------------------------
 
 

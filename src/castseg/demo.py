@@ -145,6 +145,9 @@ def results_table(metrics: dict[str, Any]) -> str:
                      "annotations (kept aside, never trained on)")
         lines += [f"  {stage}: {quality_text(row['quality'])}" for stage, row in rows if row.get("quality")]
     lines.append(premise_text(metrics))
+    from castseg.report import verdict_lines
+
+    lines += verdict_lines(metrics)
     return "\n".join(lines)
 
 
@@ -187,7 +190,8 @@ def run_demo(*, out: str | Path, pretrained: bool = False, overrides: Sequence[s
     Returns ``{"out", "config"`` (the resolved :class:`castseg.config.RunConfig`, also in
     ``out/config.yaml``), ``"metrics"`` (as in ``out/metrics.json``), ``"table"``
     (:func:`results_table`), ``"val_images"``, ``"report"`` (``out/report.html``) and
-    ``"checkpoint"`` (the refined student's, or None)``}``.
+    ``"checkpoint"`` (the recommended student's copy in ``out/deploy/model``; else the refined
+    student's, or None)``}``.
     """
     from castseg import stages
     from castseg.config import save_resolved
@@ -220,7 +224,10 @@ def run_demo(*, out: str | Path, pretrained: bool = False, overrides: Sequence[s
     _step(4, n, "classical reference on val (Otsu + watershed, no training)")
     metrics["classical_baseline"] = classical_baseline(Path(cfg.data.val), cfg.eval.max_dets)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    rec = metrics.pop("recommendation", None)
+    metrics["recommendation"] = rec  # metrics.json ends with it, like the table and the report
     write_json(metrics, out / "metrics.json", indent=1)
     return {"out": out, "config": cfg, "metrics": metrics, "table": results_table(metrics),
             "val_images": len(load_coco(cfg.data.val).images), "report": out / "report.html",
-            "checkpoint": (metrics.get("student_refined") or {}).get("checkpoint")}
+            "checkpoint": ((rec or {}).get("files") or {}).get("checkpoint")
+            or (metrics.get("student_refined") or {}).get("checkpoint")}

@@ -7,8 +7,11 @@
       metrics.json           every model's row (stages, pseudo-labels, premise, efficiency)
       report.md / .html      the report
       adapt/a, adapt/c       stage 1 (θ_T', θ_T''), each a Trainer folder (checkpoints/, logs)
+      adapt/zero_shot/       θ_T⁰ as a teacher config (what distillation reads if it is chosen)
+      adapt/selection/       labeled images held out to choose the teacher on (runs without val)
       distill, refine        stages 2 and 3
       supervised             the supervised-only baseline from θ_s⁰
+      deploy/                the recommended student: model/ (checkpoint) and model.onnx
       pseudo_labels/KEY.json caches (adapt_a: made by θ_T'; teacher: by θ_T''; imported)
 
 A Trainer folder holds ``checkpoints/last`` (and ``best``); a teacher with its own format (e.g.
@@ -66,6 +69,18 @@ class RunLayout:
         """What a stage hands on: its teacher folder where there is one, else its checkpoint."""
         folder = self.teacher_folder(name)
         return folder if folder.is_dir() else self.checkpoint(name)
+
+    @property
+    def deploy(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def zero_shot_teacher(self) -> Path:
+        return self.root / "adapt" / "zero_shot" / "teacher.yaml"
+
+    @property
+    def selection_dir(self) -> Path:
+        return self.root / "adapt" / "selection"
 
     def pseudo_labels(self, key: str) -> Path:
         """A pseudo-label cache (``key``: one of :data:`PSEUDO_LABEL_SOURCES`)."""

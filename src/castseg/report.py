@@ -220,6 +220,22 @@ def report_tables(metrics: dict[str, Any], efficiency: dict[str, dict[str, Any]]
     return tables
 
 
+def verdict_lines(metrics: dict[str, Any]) -> list[str]:
+    """Which teacher was distilled from and why, the student to deploy and the table's reading."""
+    from castseg.recommendation import recommendation_text
+
+    lines = []
+    sel = metrics.get("teacher_selection")
+    if isinstance(sel, dict):
+        lines.append(f"distilled from {sel['chosen']} ({sel['checkpoint']}): {sel['reason']} [val: {sel['val']}]")
+    if "recommendation" in metrics:
+        rec = metrics["recommendation"]
+        lines.append(recommendation_text(rec))
+        if rec:
+            lines.append(rec["reading"])
+    return lines
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[str, dict[str, Any]] | None = None,
                  stages: Sequence[str] = ("adapt", "distill", "refine"),
                  overlays: Sequence[tuple[str, bytes]] = (), title: str = "castseg run") -> tuple[Path, Path]:
@@ -242,9 +258,12 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
     from castseg.run_checks import premise_text
 
     premise, tables = premise_text(metrics), report_tables(metrics, efficiency)
+    verdict = verdict_lines(metrics)
     md = [f"# {title}", "", premise, ""]
     for name, rows in tables:
         md += [f"## {name}", "", _md_table(rows), ""]
+    if verdict:
+        md += ["## What to deploy", "", *[f"- {line}" for line in verdict], ""]
     if plots or overlays:
         md += ["Curves and overlays are in report.html.", ""]
     md_path = run_dir / "report.md"
@@ -257,6 +276,8 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], efficiency: dict[
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='premise'>{html.escape(premise)}</p>"]
     for name, rows in tables:
         parts += [f"<h2>{html.escape(name)}</h2>", _html_table(rows)]
+    if verdict:
+        parts += ["<h2>What to deploy</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in verdict] + ["</ul>"]
     if plots:
         parts += ["<h2>Training curves</h2>"] + [img_tag(p, n) for n, p in plots]
     if overlays:

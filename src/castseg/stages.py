@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -45,9 +46,12 @@ from castseg.models.teacher_factory import build_teacher
 from castseg.pseudo_labels import PseudoLabeledDataset, generate_pseudo_labels, load_teacher, read_manifest
 from castseg.pseudo_labels.cache import IDENTITY_KEYS
 from castseg.pseudo_labels.clean import CLEANUP_KEYS, Cleanup
+from castseg.recommendation import recommend
+from castseg.teacher_selection import holdout_config, log_selection, select_teacher, write_zero_shot_teacher
 from castseg.trainable import CastTrainable, Trainable, trainable_for
 
 Metrics = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 def stage_inputs(cfg: RunConfig, lambda_semi: float, lambda_pxl: float, pseudo_labels: Path | None) -> dict[str, Any]:
@@ -207,9 +211,17 @@ def evaluate_checkpoint(path: str | Path, cfg: RunConfig) -> dict[str, Any]:
 
 def run_adapt(cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True) -> tuple[Path, Metrics]:
     """Stage 1: (a) θ_T' on D_l with λ_pxl; (b) pseudo-label D_u with θ_T'; (c) θ_T'' from θ_T⁰
-    on D_l + pseudo-labelled D_u. Returns the checkpoint of θ_T'' and the stage's metrics rows."""
+    on D_l + pseudo-labelled D_u. Returns the teacher stage 2 distils from (θ_T'', or with
+    ``adapt.teacher_selection: best`` the best on val of θ_T⁰, θ_T', θ_T'':
+    :mod:`castseg.teacher_selection`) and the stage's metrics rows."""
     layout = RunLayout.of(run_dir)
+    info = run_dist(cfg)
     metrics: Metrics = {}
+    val = "data.val"
+    if cfg.adapt.teacher_selection == "best" and not cfg.data.val:
+        cfg, val = on_main(lambda: _holdout(cfg, layout), info)
+        cfg = RunConfig.model_validate(cfg)
+        logger.info(f"teacher selection: {val}")
     teacher, names = initial_teacher(cfg)
     label = getattr(cfg.teacher, "path", None) or "teacher config"  # an ensemble has no one path
     metrics["teacher_zero_shot"] = evaluate_teacher(teacher, cfg, label)
@@ -221,7 +233,19 @@ def run_adapt(cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = Tr
     c = train_stage(ADAPT_C, trainable_for(teacher), cfg, layout, names, 1.0, cfg.loss.lambda_pxl,
                     pseudo_labels=pl, resume=resume)
     metrics["teacher_adapted"] = _row(c)
-    return Path(c["checkpoint"]), metrics
+    paths = {"adapt_a": str(a["checkpoint"]), "adapt_c": str(c["checkpoint"])}
+    if cfg.adapt.teacher_selection == "best":
+        paths["zero_shot"] = on_main(lambda: write_zero_shot_teacher(cfg, layout), info)
+    row = select_teacher(metrics, paths, cfg.adapt.teacher_selection, val)
+    if info.is_main:
+        log_selection(row)
+    metrics["teacher_selection"] = row
+    return Path(row["checkpoint"]), metrics
+
+
+def _holdout(cfg: RunConfig, layout: RunLayout) -> tuple[dict[str, Any], str]:
+    held, note = holdout_config(cfg, layout)
+    return held.to_dict(), note
 
 
 def run_distill(cfg: RunConfig, run_dir: Path | RunLayout, teacher_path: str | Path, resume: bool | str = True
@@ -289,22 +313,29 @@ def run_all(cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True
     metrics["premise_ratio"] = run_checks.premise_ratio(metrics)
     save()
     if report:
-        metrics["efficiency"] = on_main(lambda: _write_report(cfg, layout.root, metrics), info)
-        save()
+        metrics.update(on_main(lambda: _hand_over(cfg, layout, metrics), info))
+    else:
+        metrics["recommendation"] = recommend(metrics)
+    save()
     return metrics
 
 
-def _write_report(cfg: RunConfig, run_dir: Path, metrics: Metrics) -> dict[str, Any]:
-    """report.md / report.html (rank 0); returns the efficiency rows (params, GFLOPs, latency on
-    the run's device)."""
+def _hand_over(cfg: RunConfig, layout: RunLayout, metrics: Metrics) -> dict[str, Any]:
+    """Rank 0: the efficiency rows (params, GFLOPs, latency on the run's device), the recommended
+    student exported to ``deploy/`` and report.md / report.html, which end with it."""
+    from castseg.recommendation import recommendation_text, write_deploy
     from castseg.report import write_report
     from castseg.report_extras import report_extras
 
     efficiency, overlays = report_extras(cfg, metrics, device=str(run_dist(cfg).device))
-    write_report(run_dir, {**metrics, "efficiency": efficiency}, efficiency,
-                 stages=STAGES, overlays=overlays,
-                 title=f"castseg run: {run_dir.name}")
-    return efficiency
+    rec = recommend({**metrics, "efficiency": efficiency}, layout)
+    if rec is not None:
+        rec["files"] = write_deploy(rec, layout, size=min(512, cfg.val_max_size or 512))
+        logger.info(recommendation_text(rec))
+    out = {"efficiency": efficiency, "recommendation": rec}
+    write_report(layout.root, {**metrics, **out}, efficiency, stages=STAGES, overlays=overlays,
+                 title=f"castseg run: {layout.root.name}")
+    return out
 
 
 def run_stages(verb: str, cfg: RunConfig, run_dir: Path | RunLayout, resume: bool | str = True, *,
@@ -331,7 +362,8 @@ def run_stages(verb: str, cfg: RunConfig, run_dir: Path | RunLayout, resume: boo
         run_checks.merge_rows(metrics, pseudo_label_rows(cfg, "imported", cache))
         run_checks.merge_rows(metrics, distill_from_cache(cfg, layout, cache, resume)[1])
     elif verb == "distill":
-        source = Path(teacher) if teacher else layout.trained_model(ADAPT_C)
+        chosen = (metrics.get("teacher_selection") or {}).get("checkpoint")  # stage 1's choice, if it made one
+        source = Path(teacher or chosen or layout.trained_model(ADAPT_C))
         if not source.exists():
             raise CastsegError(f"{source}: no adapted teacher; run `castseg adapt` first or pass --teacher")
         run_checks.merge_rows(metrics, run_distill(cfg, layout, source, resume)[1])

@@ -200,8 +200,8 @@ def test_build_teacher_checkpoint_and_ensemble(tmp_path):
 
 
 def test_build_teacher_errors_name_the_key():
-    with pytest.raises(CastsegError, match="teacher.type: must be one of 'checkpoint', 'grounded_sam', 'ensemble', "
-                                           "'tta', got 'sam3'"):
+    with pytest.raises(CastsegError, match="teacher.type: must be one of 'checkpoint', 'onnx', 'grounded_sam', "
+                                           "'ensemble', 'tta', got 'sam3'"):
         build_teacher({"type": "sam3"})
     with pytest.raises(CastsegError, match="'type'"):
         build_teacher({"path": "x"})

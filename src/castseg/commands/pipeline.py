@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(metrics: dict, with_premise: bool) -> None:
     """Each model's AP, the pseudo-labels' AP and quality where known, and (whole runs) the premise."""
     from castseg import run_checks
+    from castseg.model_rows import MODEL_ROWS
 
+    MODEL_KEYS = {r.key for r in MODEL_ROWS} | {"teacher_adapted_a"}
     for key, row in metrics.items():
-        if isinstance(row, dict) and row.get("AP") is not None:
+        if key in MODEL_KEYS and isinstance(row, dict) and row.get("AP") is not None:
             print(f"  {key:<20} AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}  {row.get('checkpoint') or ''}")
     pseudo = metrics.get("pseudo_labels") or {}
     for key, label in run_checks.PSEUDO_LABEL_SOURCES.items():
@@ -91,3 +93,7 @@ def print_summary(metrics: dict, with_premise: bool) -> None:
                 print(f"    {run_checks.quality_text(row['quality'])}")
     if with_premise:
         print(f"  {run_checks.premise_text(metrics)}")
+    from castseg.report import verdict_lines
+
+    for line in verdict_lines(metrics):
+        print(f"  {line}")
