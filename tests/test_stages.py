@@ -130,10 +130,17 @@ def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
     from castseg.run_checks import premise_ratio, pseudo_label_ap
 
     runs, gt = tiny_run / "runs", tiny_run / "splits" / "unlabeled_gt.json"
-    base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs), "--unlabeled-gt", str(gt)]
+    base = ["run", str(tiny_run / "tiny.yaml"), "--runs", str(runs), "--unlabeled-gt", str(gt),
+            "adapt.teacher_selection=paper"]
     assert cli.main(base) == 0
     run_dir = runs / "tiny"
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the paper's rule: distil from θ_T'' whatever the val APs say
+    assert metrics["teacher_selection"]["chosen"] == "adapt_c" and "paper keeps" in metrics["teacher_selection"]["reason"]
+    from castseg.pseudo_labels import read_manifest
+
+    assert read_manifest(run_dir / "pseudo_labels" / "teacher.json")["teacher"]["spec"] == \
+        str(run_dir / "adapt" / "c" / "checkpoints" / "last")
     truth = load_coco(gt)
     assert [im["id"] for im in truth.images] == [im["id"] for im in load_coco(tiny_run / "splits" / "unlabeled.json",
                                                                               require_annotations=False).images]
@@ -151,7 +158,8 @@ def test_run_scores_pseudo_labels_and_restarts_changed_stages(tiny_run, capsys):
     changed = [*base, "distill.train.max_steps=4"]
     assert cli.main(changed) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) - 1 == sum("finished earlier" in e or "reused" in e for e in err)  # only the last is the error
+    # only the last is the error; before it, each reused stage and stage 1's choice of teacher
+    assert len(err) - 1 == sum("finished earlier" in e or "reused" in e or "teacher for distillation" in e for e in err)
     assert "other settings (max_steps 3 -> 4)" in err[-1] and "--restart-changed" in err[-1]
     assert cli.main([*changed, "--restart-changed"]) == 0
     err = capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_the_choice_and_its_reason(aps, mode, chosen, says):
 def test_a_run_whose_adaptation_hurts_distils_from_the_zero_shot_teacher(tiny_run, monkeypatch, caplog):
     """Adaptation lowering val AP (here: θ_T⁰ scored higher than both adapted teachers) → the
     pseudo-labels come from θ_T⁰ and the run says so; without data.val labeled images are held
-    out to compare on. `paper` then distils from θ_T'' as before."""
+    out to compare on. (`paper` distilling from θ_T'' as before: test_stages' restart test.)"""
     import castseg
     from castseg import stages
     from castseg.pseudo_labels import read_manifest
@@ -62,8 +62,3 @@ def test_a_run_whose_adaptation_hurts_distils_from_the_zero_shot_teacher(tiny_ru
     assert result.metrics["recommendation"] is None
     assert "give data.val" in recommendation_text(result.metrics["recommendation"])
 
-    result = castseg.run(tiny_run / "noval.yaml", *steps, "adapt.teacher_selection=paper", runs=tiny_run / "runs",
-                         restart_changed=True, report=False)
-    sel = result.metrics["teacher_selection"]
-    assert sel["chosen"] == "adapt_c" and sel["checkpoint"] == str(layout_dir / "adapt" / "c" / "checkpoints" / "last")
-    assert read_manifest(layout_dir / "pseudo_labels" / "teacher.json")["teacher"]["spec"] == sel["checkpoint"]
