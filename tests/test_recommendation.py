@@ -31,3 +31,11 @@ def test_the_better_student_is_recommended_with_a_reading(aps, model, says):
 def test_no_val_no_recommendation():
     assert recommend({"student_refined": {"AP": None}}) is None
     assert "nothing to read" in reading({})
+
+
+def test_the_premise_is_read_on_the_teacher_distilled_from():
+    m = metrics(0.10, 0.14, 0.12)
+    m["teacher_selection"] = {"chosen": "zero_shot", "val_ap": {"zero_shot": 0.20, "adapt_a": 0.05, "adapt_c": 0.10}}
+    rec = recommend(m)
+    assert "premise met (teacher 20.00 vs supervised-only 14.00 AP)" in rec["reading"]
+    assert rec["gap_to_teacher"] == pytest.approx(0.20 - 0.14)

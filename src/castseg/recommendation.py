@@ -26,9 +26,18 @@ def _ap(metrics: dict[str, Any], key: str) -> float | None:
     return ap if isinstance(ap, (int, float)) and ap >= 0 else None
 
 
+def _teacher_ap(metrics: dict[str, Any]) -> float | None:
+    """Val AP of the teacher the student learnt from: stage 1's choice where it made one
+    (:mod:`castseg.teacher_selection`), else θ_T''."""
+    sel = metrics.get("teacher_selection")
+    if isinstance(sel, dict) and isinstance((sel.get("val_ap") or {}).get(sel.get("chosen")), (int, float)):
+        return sel["val_ap"][sel["chosen"]]
+    return _ap(metrics, "teacher_adapted")
+
+
 def reading(metrics: dict[str, Any]) -> str:
     """One line: is the premise met, did CAST beat supervised-only here, what would change it."""
-    teacher, sup, cast = (_ap(metrics, k) for k in ("teacher_adapted", "student_supervised", "student_refined"))
+    teacher, sup, cast = _teacher_ap(metrics), _ap(metrics, "student_supervised"), _ap(metrics, "student_refined")
     if None in (teacher, sup, cast):
         return "no val AP for every model: nothing to read (give data.val)"
     premise = teacher > sup
@@ -53,7 +62,7 @@ def recommend(metrics: dict[str, Any], layout: RunLayout | None = None) -> dict[
     if not scored:
         return None
     key, label, ap = max(scored, key=lambda r: r[2])  # max keeps the first (refined) on ties
-    teacher = _ap(metrics, "teacher_adapted")
+    teacher = _teacher_ap(metrics)
     # both students share one architecture: the report's latency of the refined one is theirs
     latency = ((metrics.get("efficiency") or {}).get("student (refined)") or {}).get("latency_ms")
     return {"model": key, "label": label, "checkpoint": metrics[key].get("checkpoint"), "AP": ap,

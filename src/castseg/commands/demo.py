@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
           f"latency = one prediction (forward + post-processing) on one val image, {cfg.train.device}:\n")
     print(result["table"])
     logger.info(f"report:  {result['report']}")
-    logger.info(f"student: {ckpt}\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds")
+    onnx = ((metrics.get("recommendation") or {}).get("files") or {}).get("onnx")
+    logger.info(f"student: {ckpt}" + (f" (and {onnx})" if onnx else "")
+                + f"\n  use it: castseg predict --checkpoint {ckpt} --images YOUR_IMAGES --out preds"
+                + f"\n  or from Python: castseg.load({str(ckpt)!r}).predict('YOUR_IMAGES/')")
     logger.info(f"done in {metrics['seconds']:.0f} s")
     print(json.dumps({k: round(metrics[k]["AP"], 4) for k, _, _ in MODEL_ROWS
                       if (metrics.get(k) or {}).get("AP") is not None}))
