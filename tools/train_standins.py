@@ -61,7 +61,10 @@ MODELS = {
                  # this phase validates every 350 steps to show whether more steps still pay
                  {"max_steps": 1400, "lr": 3e-4, "warmup_steps": 50, "val_every": 350}]),
     "student": ({"preset": "lite_student"},
-                [{"max_steps": 800, "lr": 8e-4, "warmup_steps": 50}]),
+                [{"max_steps": 800, "lr": 8e-4, "warmup_steps": 50},
+                 # phase 2 (2026-12-08, issue #32): the student had 800 source steps against the
+                 # teacher's 2900; this phase brings it to 3000 and validates every 550 steps
+                 {"max_steps": 2200, "lr": 5e-4, "warmup_steps": 50, "val_every": 550}]),
 }
 COMMON_TRAIN = {"batch_size": 4, "backbone_lr_mult": 0.3, "weight_decay": 0.05, "schedule": "poly",
                 "grad_clip": 1.0, "ckpt_every": 100, "log_every": 20, "seed": 0, "device": "cpu"}

@@ -73,7 +73,8 @@ def recommend(metrics: dict[str, Any], layout: RunLayout | None = None) -> dict[
 def recommendation_text(rec: dict[str, Any] | None) -> str:
     if rec is None:
         return "recommendation: none (no student has a val AP; give data.val)"
-    gap = "" if rec["gap_to_teacher"] is None else f", {100 * rec['gap_to_teacher']:+.2f} AP behind the teacher"
+    g = rec["gap_to_teacher"]
+    gap = "" if g is None else f", {100 * abs(g):.2f} AP {'behind' if g >= 0 else 'ahead of'} the teacher"
     latency = "" if rec["latency_ms"] is None else f", {rec['latency_ms']:.1f} ms per val image"
     where = rec["deploy"] or rec["checkpoint"]
     return f"deploy: {rec['label']} ({100 * rec['AP']:.2f} AP{gap}{latency}) -> {where}"
