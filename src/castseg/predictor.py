@@ -56,10 +56,10 @@ class Instances:
 
 def _as_rgb(image: Any, where: str) -> np.ndarray:
     """A PIL image or an array ``[H,W]``, ``[H,W,1|3|4]`` (uint8, uint16, float, bool) → uint8 ``[H,W,3]``."""
-    from castseg.data.images import to_rgb_uint8
+    from castseg.data.images import pil_array, to_rgb_uint8
 
-    if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image, without importing PIL here
-        image = np.asarray(image.convert("RGB") if image.mode not in ("L", "I;16", "I", "F") else image)
+    if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image: as read_image reads a file's
+        image = pil_array(image)
     if not isinstance(image, np.ndarray):
         raise InputError(where, f"expected a path, a folder, a PIL image or a numpy array, got {type(image).__name__}")
     return to_rgb_uint8(image, where)

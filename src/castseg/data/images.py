@@ -45,6 +45,22 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def pil_array(img: Image.Image) -> np.ndarray:
+    """A PIL image's pixels in the dtype its mode holds: RGB (colour modes, alpha dropped), L
+    (grey modes) or the raw 16-bit / 32-bit / float values (stretched later by :func:`to_rgb_uint8`)."""
+    mode = img.mode
+    if mode in ("RGB",):
+        return np.asarray(img)
+    if mode in ("RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("RGB"))
+    if mode in ("L", "LA", "1"):
+        return np.asarray(img.convert("L"))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img)
+        return arr.astype(np.uint16) if mode.startswith("I;16") and arr.dtype != np.uint16 else arr
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as ``uint8`` ``[H,W,3]`` RGB.
 
@@ -58,19 +74,7 @@ def read_image(path: str | Path) -> np.ndarray:
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 img.load()
-                mode = img.mode
-                if mode in ("RGB",):
-                    arr = np.asarray(img)
-                elif mode in ("RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                    arr = np.asarray(img.convert("RGB"))
-                elif mode in ("L", "LA", "1"):
-                    arr = np.asarray(img.convert("L"))
-                elif mode.startswith("I;16") or mode in ("I", "F"):
-                    arr = np.asarray(img)
-                    if mode.startswith("I;16") and arr.dtype != np.uint16:
-                        arr = arr.astype(np.uint16)
-                else:
-                    arr = np.asarray(img.convert("RGB"))
+                arr = pil_array(img)
     except FileNotFoundError:
         raise InputError(path, "image file not found") from None
     except _READ_ERRORS as e:
